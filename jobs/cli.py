@@ -1,0 +1,50 @@
+"""The `tailseed` command line: one subcommand per job, each module registering its own parser."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module that defines `add_parser(subparsers)`; each sets `func` on its parser.
+SUBCOMMANDS = {
+    "augment": "jobs.augment",
+    "invert": "jobs.seed_commands",
+    "generate": "jobs.seed_commands",
+    "inspect": "jobs.inspect_output",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tailseed", description="Grow the rare classes of an image dataset."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    registered = set()
+    for module_name in SUBCOMMANDS.values():
+        if module_name in registered:
+            continue
+        registered.add(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a subcommand whose module is not built yet is absent, not faked
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"tailseed {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

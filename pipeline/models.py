@@ -1,0 +1,152 @@
+"""Model loading: the one place that calls `from_pretrained`, with errors a person can act on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED_MODEL = REPO_ROOT / "models" / "tiny-digits"
+CARD_NAME = "tailseed_card.json"
+
+
+class ModelError(UserError):
+    """A model that cannot be used, with a one-line message saying what was expected and where."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which checkpoint to load and how. `path` is a local folder or a hub id."""
+
+    path: str = "models/tiny-digits"
+    revision: str | None = None  # only a revision the user pins; never invented
+    dtype: str = "float32"  # float16 on CUDA for real checkpoints
+    device: str = "auto"  # auto: cuda if available, else cpu
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """float16/bfloat16 only on CUDA: CPU half-precision convolutions are slow or missing."""
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ModelError(f"model.dtype: unknown dtype {dtype!r}; use one of {sorted(table)}")
+    return table[dtype] if device.type == "cuda" else torch.float32
+
+
+def _local_folder(path: str) -> Path | None:
+    """The folder `path` names (relative to the working directory or the repo), or None for a hub id."""
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.exists():
+            return candidate
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(path).suffix
+    if looks_local:
+        raise ModelError(
+            f"model {path!r}: no such folder. Expected a diffusers StableDiffusionPipeline folder "
+            f"(with model_index.json) or a hub id like 'owner/name'."
+        )
+    return None
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse folders that are not a Stable-Diffusion-family diffusers pipeline."""
+    index = folder / "model_index.json"
+    if not folder.is_dir() or not index.is_file():
+        raise ModelError(
+            f"model folder {folder}: not a diffusers pipeline (no model_index.json). Expected the "
+            f"output of StableDiffusionPipeline.save_pretrained."
+        )
+    try:
+        components = json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(
+            f"model folder {folder}: model_index.json is not valid JSON ({exc})"
+        ) from exc
+    missing = [
+        c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in components
+    ]
+    if missing:
+        raise ModelError(
+            f"model folder {folder}: model_index.json lacks {', '.join(missing)}; expected a "
+            f"Stable-Diffusion-family pipeline (unet, vae, text_encoder, tokenizer, scheduler)."
+        )
+
+
+def model_hash(folder: Path) -> str:
+    """sha256 over the weight files of a pipeline folder (names and bytes, in sorted order), 16 hex."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()
+    )
+    for p in files:
+        digest.update(str(p.relative_to(folder)).encode())
+        with p.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def read_card(folder: Path) -> dict:
+    """The tailseed model card if the folder has one, else {}."""
+    card = folder / CARD_NAME
+    return json.loads(card.read_text()) if card.is_file() else {}
+
+
+def load_pipeline(spec: ModelSpec):
+    """Load a StableDiffusionPipeline on the spec's device and dtype; refuse v-prediction models.
+
+    Returns (pipeline, info) where info has `model` (as given), `model_hash`, `folder`, `card`.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    folder = _local_folder(spec.path)
+    if folder is not None:
+        check_model_folder(folder)
+        source = str(folder)
+    else:
+        source = spec.path
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            revision=spec.revision,
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"model {spec.path!r}: could not be loaded as a StableDiffusionPipeline: {first}"
+        ) from exc
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ModelError(
+            f"model {spec.path!r}: prediction_type is {prediction!r}; DDIM and fixed-point inversion "
+            f"need an epsilon-prediction model (e.g. Stable Diffusion 1.5 or 2.1-base, not 2.1 768-v)."
+        )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if folder is None:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(spec.path, revision=spec.revision, local_files_only=True))
+    info = {
+        "model": spec.path,
+        "model_hash": model_hash(folder),
+        "folder": str(folder),
+        "card": read_card(folder),
+    }
+    return pipe, info
