@@ -127,6 +127,12 @@ class NullTextConfig:
     early_stop_slope: float = 2e-5
 
 
+def _ddim_step(z_t: torch.Tensor, eps: torch.Tensor, coeffs: tuple) -> torch.Tensor:
+    """One DDIM sampling step (eta 0) with `Schedule.coefficients` of the step."""
+    sa_t, sb_t, sa_s, sb_s = coeffs
+    return sa_s * (z_t - sb_t * eps) / sa_t + sb_s * eps
+
+
 def _unet_eps(unet, z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return unet(z.to(unet.dtype), t, encoder_hidden_states=hidden.to(unet.dtype)).sample.float()
 
@@ -167,12 +173,9 @@ def null_text_invert(
     nulls = []
     g = float(guidance_scale)
     for i in range(n):
-        sa_t, sb_t, sa_s, sb_s = schedule.coefficients(i)
+        coeffs = schedule.coefficients(i)
         t = schedule.timesteps[i].to(device)
         target = pivot[n - i - 1]  # the pivot at the next, less noisy level
-
-        def step(z_t, eps):
-            return sa_s * (z_t - sb_t * eps) / sa_t + sb_s * eps
 
         # 2. the conditional prediction is fixed during the step's optimisation
         with torch.no_grad():
@@ -187,7 +190,9 @@ def null_text_invert(
             counter.add(active, 1)
             eps_u = _unet_eps(unet, z[active], t, u)
             eps = eps_u + g * (eps_c[active] - eps_u)
-            loss = (step(z[active], eps) - target[active]).pow(2).flatten(1).mean(1)  # (n,)
+            loss = (
+                (_ddim_step(z[active], eps, coeffs) - target[active]).pow(2).flatten(1).mean(1)
+            )  # (n,)
             (grad,) = torch.autograd.grad(loss.sum(), u)
             with torch.no_grad():
                 m[active] = 0.9 * m[active] + 0.1 * grad
@@ -202,7 +207,7 @@ def null_text_invert(
         with torch.no_grad():
             counter.add(all_rows, 1)
             eps_u = _unet_eps(unet, z, t, null)
-            z = step(z, eps_u + g * (eps_c - eps_u))
+            z = _ddim_step(z, eps_u + g * (eps_c - eps_u), coeffs)
         nulls.append(null.detach().clone())
     return pivot[-1], torch.stack(nulls)
 
@@ -222,10 +227,8 @@ def null_text_sample(
     z = seed.float()
     g = float(guidance_scale)
     for i in range(len(schedule)):
-        sa_t, sb_t, sa_s, sb_s = schedule.coefficients(i)
         t = schedule.timesteps[i].to(z.device)
         hidden = torch.cat([null_embeddings[i], cond])
         eps_u, eps_c = _unet_eps(unet, torch.cat([z, z]), t, hidden).chunk(2)
-        eps = eps_u + g * (eps_c - eps_u)
-        z = sa_s * (z - sb_t * eps) / sa_t + sb_s * eps
+        z = _ddim_step(z, eps_u + g * (eps_c - eps_u), schedule.coefficients(i))
     return z
