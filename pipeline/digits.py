@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -68,3 +69,26 @@ def to_digit_space(images: np.ndarray) -> np.ndarray:
         gray = Image.fromarray(img).convert("L").resize((8, 8), Image.Resampling.BOX)
         out.append(np.asarray(gray, dtype=np.float32).reshape(-1) * (16.0 / 255.0))
     return np.stack(out) if out else np.zeros((0, 64), np.float32)
+
+
+def materialize(root: Path, split_indices_by_name: dict[str, list[int]]) -> dict[str, Path]:
+    """Write the user's dataset and the test split as ImageFolders of PNGs under `root`.
+
+    `root/user/<class name>/<digit index>.png` is the dataset that the default run augments;
+    `root/test/...` is the balanced held-out split that only evaluation reads. A marker file
+    written last makes a rerun skip the work (and a half-written folder get redone).
+    """
+    images8, labels = load_digits_arrays()
+    folders = {}
+    for split in ("user", "test"):
+        folder = root / split
+        folders[split] = folder
+        marker = folder / ".complete"
+        if marker.is_file():
+            continue
+        for index in split_indices_by_name[split]:
+            class_dir = folder / CLASS_NAMES[labels[index]]
+            class_dir.mkdir(parents=True, exist_ok=True)
+            render(images8[index]).save(class_dir / f"{index:04d}.png", format="PNG")
+        marker.write_text("ok\n")
+    return folders

@@ -150,3 +150,52 @@ def load_pipeline(spec: ModelSpec):
         "card": read_card(folder),
     }
     return pipe, info
+
+
+def describe_model(spec: ModelSpec) -> dict:
+    """What the driver needs to know about a model without loading its weights.
+
+    Checks the folder (or the local hub cache for a hub id) and refuses v-prediction before any
+    work starts. Returns `model`, `folder`, `model_hash`, `image_size`, `latent_shape`, `card`.
+    """
+    folder = _local_folder(spec.path)
+    if folder is None:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder = Path(
+                snapshot_download(spec.path, revision=spec.revision, local_files_only=True)
+            )
+        except (LocalEntryNotFoundError, OSError, ValueError) as exc:
+            raise ModelError(
+                f"model {spec.path!r}: not in the local Hugging Face cache. Download it on a machine "
+                f"with network access (huggingface-cli download {spec.path}) or point model.path at "
+                f"a local folder."
+            ) from exc
+    check_model_folder(folder)
+
+    def config(name: str, file: str) -> dict:
+        path = folder / name / file
+        if not path.is_file():
+            raise ModelError(f"model folder {folder}: missing {name}/{file}")
+        return json.loads(path.read_text())
+
+    scheduler = config("scheduler", "scheduler_config.json")
+    if scheduler.get("prediction_type", "epsilon") != "epsilon":
+        raise ModelError(
+            f"model {spec.path!r}: prediction_type is {scheduler['prediction_type']!r}; inversion "
+            f"needs an epsilon-prediction model (e.g. Stable Diffusion 1.5 or 2.1-base, not 2.1 768-v)."
+        )
+    unet = config("unet", "config.json")
+    vae = config("vae", "config.json")
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    size = int(unet["sample_size"]) * factor
+    return {
+        "model": spec.path,
+        "folder": str(folder),
+        "model_hash": model_hash(folder),
+        "image_size": size,
+        "latent_shape": [int(unet["in_channels"]), size // factor, size // factor],
+        "card": read_card(folder),
+    }

@@ -1,0 +1,233 @@
+"""Listing a user's labelled dataset (ImageFolder, WebDataset tars, Parquet) without decoding images.
+
+A listing is metadata only: one `Record` per image with its class and where its bytes live, plus
+counts of what was skipped and why. Bytes are read later, only for the images that are used.
+Nothing from a dataset is ever unpickled or executed: tar members other than images and
+`.cls`/`.json`/`.txt` labels are counted and ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.images import IMAGE_EXTENSIONS
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+LABEL_EXTENSIONS = (".cls", ".json", ".txt")
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str  # [A-Za-z0-9_-], at most 100 characters, unique within the dataset
+    class_index: int
+    origin: str  # a file path, or "<tar path>#<member>", or "<parquet path>#<row>"
+
+
+@dataclass
+class Listing:
+    format: str
+    classes: dict[int, str]  # class index -> class name
+    records: list[Record]
+    skipped: Counter = field(default_factory=Counter)
+
+    def counts(self) -> dict[int, int]:
+        counts = {c: 0 for c in self.classes}
+        for r in self.records:
+            counts[r.class_index] += 1
+        return counts
+
+
+def safe_key(text: str, salt: str, prefix: str = "") -> str:
+    """A key made of `text` with unsafe characters replaced, plus a short hash of `salt` for uniqueness."""
+    stem = _KEY_UNSAFE.sub("_", text)[:60]
+    digest = hashlib.sha1(salt.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{prefix}{stem}_{digest}"
+
+
+def detect_format(path: Path) -> str:
+    if path.is_file() and path.suffix == ".tar":
+        return "webdataset"
+    if path.is_file() and path.suffix == ".parquet":
+        return "parquet"
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file()]
+        if any(p.suffix == ".tar" for p in files):
+            return "webdataset"
+        if any(p.suffix == ".parquet" for p in files):
+            return "parquet"
+        return "imagefolder"
+    raise UserError(
+        f"dataset.path {path}: no such file or folder; point it at an ImageFolder, WebDataset tars or Parquet"
+    )
+
+
+def list_imagefolder(root: Path) -> Listing:
+    """root/<class name>/<image>: classes are the sorted folder names, as torchvision's ImageFolder."""
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise UserError(
+            f"dataset.path {root}: no class folders found; expected <root>/<class name>/<image files>"
+        )
+    classes = {i: d.name for i, d in enumerate(class_dirs)}
+    listing = Listing("imagefolder", classes, [])
+    for index, folder in enumerate(class_dirs):
+        for p in sorted(folder.rglob("*")):
+            if not p.is_file():
+                continue
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                listing.skipped["not_an_image"] += 1
+                continue
+            rel = p.relative_to(root).as_posix()
+            listing.records.append(Record(safe_key(p.stem, rel, f"c{index}_"), index, str(p)))
+    return listing
+
+
+def _parse_label(ext: str, payload: bytes, label_key: str) -> int | str:
+    text = payload.decode("utf-8").strip()
+    if ext == ".json":
+        value = json.loads(text)
+        if not isinstance(value, dict) or label_key not in value:
+            raise ValueError(f"no {label_key!r} key")
+        value = value[label_key]
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"{label_key!r} is neither an integer nor a class name")
+        return value
+    return int(text)
+
+
+def list_webdataset(path: Path, label_key: str) -> Listing:
+    """Tars whose samples hold an image member and a `.cls` (integer) or `.json` label."""
+    tars = [path] if path.is_file() else sorted(path.glob("*.tar"))
+    samples: dict[tuple[str, str], dict[str, tarfile.TarInfo | int | str]] = {}
+    skipped: Counter = Counter()
+    for tar_path in tars:
+        try:
+            tar = tarfile.open(tar_path)
+        except (tarfile.TarError, OSError) as exc:
+            raise UserError(
+                f"dataset tar {tar_path}: cannot be read ({exc}); remove or repair it"
+            ) from exc
+        with tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    skipped["ignored_member"] += 1
+                    continue
+                stem, ext = base.split(".", 1)
+                ext = "." + ext.lower()
+                key = (str(tar_path), member.name[: len(member.name) - len(base)] + stem)
+                entry = samples.setdefault(key, {})
+                if ext in IMAGE_EXTENSIONS:
+                    entry["image"] = member.name
+                elif ext in LABEL_EXTENSIONS and ext != ".txt":
+                    try:
+                        entry["label"] = _parse_label(
+                            ext, tar.extractfile(member).read(), label_key
+                        )
+                    except (ValueError, UnicodeDecodeError):
+                        skipped["bad_label"] += 1
+                else:
+                    skipped["ignored_member"] += 1  # pickles, tensors, anything else: never decoded
+    labelled = []
+    for (tar_path, sample_key), entry in sorted(samples.items()):
+        if "image" not in entry:
+            skipped["no_image"] += 1
+        elif "label" not in entry:
+            skipped["no_label"] += 1
+        else:
+            labelled.append((tar_path, sample_key, entry["image"], entry["label"]))
+    names = sorted({lab for *_, lab in labelled if isinstance(lab, str)})
+    ints = sorted({lab for *_, lab in labelled if isinstance(lab, int)})
+    if names and ints:
+        raise UserError(f"dataset {path}: labels mix integers and class names; use one kind")
+    classes = {i: n for i, n in enumerate(names)} if names else {i: str(i) for i in ints}
+    lookup = {n: i for i, n in classes.items()}
+    listing = Listing("webdataset", classes, [], skipped)
+    for tar_path, sample_key, member, label in labelled:
+        index = lookup[label] if isinstance(label, str) else label
+        rec_key = safe_key(sample_key.rsplit("/", 1)[-1], f"{tar_path}#{sample_key}", f"c{index}_")
+        listing.records.append(Record(rec_key, index, f"{tar_path}#{member}"))
+    return listing
+
+
+def list_parquet(path: Path, label_column: str, image_column: str) -> Listing:
+    """Parquet files with an image column (bytes, or a struct with `bytes`) and a label column."""
+    import pyarrow.parquet as pq
+
+    files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+    rows = []
+    for f in files:
+        schema = pq.read_schema(f)
+        for col in (label_column, image_column):
+            if col not in schema.names:
+                raise UserError(
+                    f"dataset parquet {f}: no column {col!r} (columns: {', '.join(schema.names)}); "
+                    f"set dataset.label_column / dataset.image_column"
+                )
+        labels = pq.read_table(f, columns=[label_column]).column(0).to_pylist()
+        rows += [(str(f), i, lab) for i, lab in enumerate(labels)]
+    skipped: Counter = Counter()
+    names = sorted({lab for *_, lab in rows if isinstance(lab, str)})
+    ints = sorted({lab for *_, lab in rows if isinstance(lab, int) and not isinstance(lab, bool)})
+    if names and ints:
+        raise UserError(f"dataset {path}: labels mix integers and class names; use one kind")
+    classes = {i: n for i, n in enumerate(names)} if names else {i: str(i) for i in ints}
+    lookup = {n: i for i, n in classes.items()}
+    listing = Listing("parquet", classes, [], skipped)
+    for f, row, lab in rows:
+        if lab is None or isinstance(lab, bool) or not isinstance(lab, int | str):
+            skipped["no_label"] += 1
+            continue
+        index = lookup[lab] if isinstance(lab, str) else lab
+        listing.records.append(
+            Record(
+                safe_key(f"{Path(f).stem}_{row}", f"{f}#{row}", f"c{index}_"), index, f"{f}#{row}"
+            )
+        )
+    return listing
+
+
+def list_dataset(
+    path: Path,
+    fmt: str = "auto",
+    label_key: str = "label",
+    label_column: str = "label",
+    image_column: str = "image",
+) -> Listing:
+    """List any supported dataset; `fmt` is auto, imagefolder, webdataset or parquet."""
+    if not path.exists():
+        raise UserError(f"dataset.path {path}: no such file or folder")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "imagefolder":
+        return list_imagefolder(path)
+    if fmt == "webdataset":
+        return list_webdataset(path, label_key)
+    if fmt == "parquet":
+        return list_parquet(path, label_column, image_column)
+    raise UserError(f"dataset.format {fmt!r}: use auto, imagefolder, webdataset or parquet")
+
+
+def read_bytes(origin: str, image_column: str = "image") -> bytes:
+    """The raw bytes of one listed image."""
+    if "#" in origin:
+        container, _, inner = origin.rpartition("#")
+        if container.endswith(".tar"):
+            with tarfile.open(container) as tar:
+                return tar.extractfile(inner).read()
+        if container.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            value = pq.read_table(container, columns=[image_column]).column(0)[int(inner)].as_py()
+            if isinstance(value, dict):
+                value = value.get("bytes")
+            return value or b""
+    return Path(origin).read_bytes()

@@ -1,0 +1,253 @@
+"""The runner: turns stages (callables on batches + the resources they ask for) into Ray Data calls.
+
+This and `jobs/` are the only code that imports Ray. A stage is a class with `__init__(**kwargs)`
+that loads what it needs once per actor and `__call__(batch) -> batch`, where a batch is a dict of
+numpy arrays sharing a leading dimension. The unit of work (an inversion chunk, a shard) is fixed
+by the driver, not by Ray's block boundaries: each unit travels as one Ray row holding its batch
+packed with `numpy.savez` (no pickle), so a unit is computed the same way on every run and resume.
+`LocalRunner` runs the same stages in-process (tests, benchmarks' floor).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each actor of a stage reserves. On CPU-only machines keep num_cpus fractional: actors
+    that each hold a whole CPU starve Ray Data's read tasks on small machines."""
+
+    num_actors: int = 1
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+
+    def validate(self, where: str) -> None:
+        if self.num_actors < 1:
+            raise ValueError(f"{where}.num_actors must be at least 1")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    cls: type
+    kwargs: dict = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+
+
+_BYTES = "__bytes__"
+
+
+def pack(batch: dict[str, np.ndarray]) -> bytes:
+    """A batch -> bytes via `numpy.savez`. Columns of Python bytes (PNGs) are stored as one uint8
+    buffer plus offsets, so that loading never needs pickle."""
+    arrays = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        if value.dtype == object:
+            items = [bytes(v) for v in value]
+            arrays[f"{_BYTES}{name}"] = np.frombuffer(b"".join(items), dtype=np.uint8)
+            arrays[f"{_BYTES}offsets_{name}"] = np.cumsum(
+                [0] + [len(v) for v in items], dtype=np.int64
+            )
+        else:
+            arrays[name] = value
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def unpack(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    out = {}
+    for name, value in arrays.items():
+        if name.startswith(f"{_BYTES}offsets_"):
+            continue
+        if name.startswith(_BYTES):
+            col = name[len(_BYTES) :]
+            offsets = arrays[f"{_BYTES}offsets_{col}"]
+            raw = value.tobytes()
+            out[col] = np.asarray(
+                [raw[a:b] for a, b in zip(offsets[:-1], offsets[1:])] or [], dtype=object
+            )
+        else:
+            out[name] = value
+    return out
+
+
+def _threads_for(num_cpus: float) -> int:
+    return max(1, math.ceil(num_cpus))
+
+
+class _UnitAdapter:
+    """Runs one stage on whole units inside a Ray actor (or in-process)."""
+
+    def __init__(self, stage_cls: type, stage_kwargs: dict, threads: int):
+        try:
+            import torch
+
+            # A fractional CPU reservation is bookkeeping only: bound torch's threads to it.
+            torch.set_num_threads(threads)
+        except ImportError:
+            pass
+        self.stage = stage_cls(**stage_kwargs)
+        self.node_id = _node_id()
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out_units, out_payloads, seconds, nodes = [], [], [], []
+        earlier_nodes = rows.get("node_id", [""] * len(rows["unit"]))
+        earlier_seconds = rows.get("seconds", [0.0] * len(rows["unit"]))
+        for unit, blob, node, spent in zip(
+            rows["unit"], rows["payload"], earlier_nodes, earlier_seconds
+        ):
+            t0 = time.perf_counter()
+            result = self.stage(unpack(bytes(blob)))
+            seconds.append(float(spent) + time.perf_counter() - t0)
+            nodes.append(f"{node},{self.node_id}" if node else self.node_id)
+            out_units.append(int(unit))
+            out_payloads.append(pack(result))
+        return {
+            "unit": np.asarray(out_units, dtype=np.int64),
+            "payload": np.asarray(out_payloads, dtype=object),
+            "node_id": np.asarray(nodes),
+            "seconds": np.asarray(seconds, dtype=np.float64),
+        }
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray there is no node id
+        pass
+    return "local"
+
+
+@dataclass
+class UnitResult:
+    unit: int
+    batch: dict[str, np.ndarray]
+    node_id: str  # the nodes that ran the unit's stages, comma-separated
+    seconds: float  # time inside the stages, summed
+
+
+class LocalRunner:
+    """Runs stages in this process, unit by unit: the same code path as Ray, minus Ray."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads or os.cpu_count() or 1
+        self._cache: dict[tuple, _UnitAdapter] = {}
+
+    def node_ids(self) -> list[str]:
+        return ["local"]
+
+    def run(
+        self, units: dict[int, dict[str, np.ndarray]], stages: list[Stage]
+    ) -> Iterator[UnitResult]:
+        adapters = []
+        for stage in stages:
+            key = (stage.cls, repr(sorted(stage.kwargs.items())))
+            if key not in self._cache:
+                self._cache[key] = _UnitAdapter(stage.cls, stage.kwargs, self.threads)
+            adapters.append(self._cache[key])
+        for unit in sorted(units):
+            rows = {
+                "unit": np.asarray([unit]),
+                "payload": np.asarray([pack(units[unit])], dtype=object),
+            }
+            for adapter in adapters:
+                rows = adapter(rows)
+            yield UnitResult(
+                unit, unpack(bytes(rows["payload"][0])), "local", float(rows["seconds"][0])
+            )
+
+    def shutdown(self) -> None:
+        self._cache.clear()
+
+
+class RayRunner:
+    """Ray Data execution: one fixed-size actor pool per stage, units streamed back as they finish."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        object_store_mb: int = 512,
+        log: Callable[[str], None] = print,
+    ):
+        import ray
+
+        self.log = log
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                ray.init(
+                    num_cpus=num_cpus or os.cpu_count(),
+                    object_store_memory=object_store_mb * 1024**2,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+    def node_ids(self) -> list[str]:
+        import ray
+
+        return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+
+    def cluster_resources(self) -> dict:
+        import ray
+
+        return dict(ray.cluster_resources())
+
+    def run(
+        self, units: dict[int, dict[str, np.ndarray]], stages: list[Stage]
+    ) -> Iterator[UnitResult]:
+        import ray
+
+        if not units:
+            return
+        items = [{"unit": u, "payload": pack(units[u])} for u in sorted(units)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        for stage in stages:
+            r = stage.resources
+            ds = ds.map_batches(
+                _UnitAdapter,
+                fn_constructor_kwargs={
+                    "stage_cls": stage.cls,
+                    "stage_kwargs": stage.kwargs,
+                    "threads": _threads_for(r.num_cpus),
+                },
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=r.num_actors),
+                num_cpus=r.num_cpus,
+                num_gpus=r.num_gpus,
+            )
+        for row in ds.iter_rows():
+            yield UnitResult(
+                int(row["unit"]),
+                unpack(bytes(row["payload"])),
+                str(row["node_id"]),
+                float(row["seconds"]),
+            )
+
+    def shutdown(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()

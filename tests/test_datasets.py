@@ -1,0 +1,169 @@
+"""Listing and decoding a user's dataset: every kind of bad input is an error or a counted skip."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.datasets import list_dataset, read_bytes
+from pipeline.errors import UserError
+from pipeline.images import SkipSample, decode_image
+from stages.scan import ScanConfig, scan
+from stages.select import SelectConfig, select
+
+
+def png_bytes(mode: str = "RGB", size=(20, 20), value=128, fmt="PNG") -> bytes:
+    if mode == "I;16":
+        img = Image.fromarray(np.full(size[::-1], value * 257, dtype=np.uint16))
+    else:
+        img = Image.new(mode, size, value if mode in ("L", "I;16") else (value,) * len(mode))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "mode,fmt", [("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("LA", "PNG"), ("P", "PNG")]
+)
+def test_modes_are_converted_to_rgb(mode, fmt):
+    image = decode_image(png_bytes(mode, fmt=fmt), size=16)
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+
+
+def test_16_bit_is_rescaled_not_clipped():
+    image = decode_image(png_bytes("I;16", value=128), size=16)
+    assert 120 <= image.mean() <= 136  # 128*257 in 16 bits is mid-grey, not saturated white
+
+
+def test_sizes_far_from_the_model_are_cropped_and_resized():
+    assert decode_image(png_bytes(size=(400, 100)), size=16).shape == (16, 16, 3)
+    assert decode_image(png_bytes(size=(9, 12)), size=32).shape == (32, 32, 3)
+    with pytest.raises(SkipSample) as info:
+        decode_image(png_bytes(size=(3, 3)), size=32)
+    assert info.value.reason == "too_small"
+
+
+@pytest.mark.parametrize(
+    "payload,reason",
+    [(b"", "empty_file"), (b"hello, not an image", "not_an_image"), (png_bytes()[:40], "corrupt_image")],
+)
+def test_bad_bytes_are_skipped_with_a_reason(payload, reason):
+    with pytest.raises(SkipSample) as info:
+        decode_image(payload, size=16)
+    assert info.value.reason == reason
+
+
+def test_decompression_bomb_is_skipped(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(SkipSample) as info:
+        decode_image(png_bytes(size=(20, 20)), size=16)
+    assert info.value.reason == "too_large"
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    """An ImageFolder with good images, every kind of bad file, and awkward class names."""
+    root = tmp_path / "data"
+    good = {"cat": 30, "dog  spotted": 3, "ünï.code": 2}
+    for name, n in good.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            (root / name / f"img.{i:02d}.png").write_bytes(png_bytes(value=10 * i % 250))
+    rare = root / "dog  spotted"
+    (rare / "zero.png").write_bytes(b"")
+    (rare / "broken.png").write_bytes(png_bytes()[:50])
+    (rare / "notes.txt").write_text("not an image")
+    (rare / "grey.png").write_bytes(png_bytes("L"))
+    (rare / "cmyk.jpg").write_bytes(png_bytes("CMYK", fmt="JPEG"))
+    (root / "empty class").mkdir()
+    return root
+
+
+def test_imagefolder_listing_counts_and_skips(messy_folder):
+    listing = scan(ScanConfig(path=str(messy_folder)))
+    assert listing.classes == {0: "cat", 1: "dog  spotted", 2: "empty class", 3: "ünï.code"}
+    assert listing.counts() == {0: 30, 1: 7, 2: 0, 3: 2}  # listed by extension, decoded later
+    assert listing.skipped["not_an_image"] == 1
+    keys = [r.key for r in listing.records]
+    assert len(set(keys)) == len(keys)
+    assert all(len(k) <= 100 and "." not in k and "/" not in k for k in keys)
+
+
+def test_select_skips_bad_sources_and_reports_empty_classes(messy_folder):
+    listing = scan(ScanConfig(path=str(messy_folder)))
+    plans, left_out = select(listing, SelectConfig(rare_below=20, quota=10, max_sources=10), image_size=16)
+    by_name = {p.class_name: p for p in plans}
+    spotted = by_name["dog  spotted"]
+    assert spotted.skipped == {"empty_file": 1, "corrupt_image": 1}
+    assert len(spotted.source_keys) == 5  # 3 good + grey + cmyk
+    assert spotted.source_images.shape == (5, 16, 16, 3)
+    assert spotted.to_generate == 3 and spotted.prompt == "a photo of a dog  spotted"
+    assert "empty class" in left_out and "0 usable" in left_out["empty class"]
+    assert by_name["ünï.code"].to_generate == 8
+    assert "cat" not in by_name
+
+
+def test_explicit_class_errors_name_the_class(messy_folder):
+    listing = scan(ScanConfig(path=str(messy_folder)))
+    with pytest.raises(UserError, match="'horse' is not a class"):
+        select(listing, SelectConfig(classes=["horse"]), image_size=16)
+    with pytest.raises(UserError, match="'empty class' has 0 usable"):
+        select(listing, SelectConfig(classes=["empty class"]), image_size=16)
+
+
+def test_missing_dataset_path_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no such file or folder"):
+        scan(ScanConfig(path=str(tmp_path / "nowhere")))
+
+
+def test_tar_dataset_never_unpickles(tmp_path):
+    """A tar with pickle and torch members: they are counted and ignored, never decoded."""
+    sentinel = tmp_path / "pwned"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+
+    members = {
+        "a.png": png_bytes(), "a.cls": b"3",
+        "b.png": png_bytes(), "b.json": json.dumps({"label": 3}).encode(),
+        "c.png": png_bytes(), "c.pyd": pickle.dumps(Boom()), "c.pth": pickle.dumps(Boom()), "c.cls": b"5",
+        "d.png": png_bytes(),  # no label
+        "e.cls": b"1",  # no image
+    }
+    tar_path = tmp_path / "train-000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    listing = list_dataset(tmp_path)
+    assert listing.format == "webdataset"
+    assert listing.counts() == {3: 2, 5: 1}
+    assert listing.skipped == {"ignored_member": 2, "no_label": 1, "no_image": 1}
+    assert not sentinel.exists()
+    rec = next(r for r in listing.records if r.class_index == 5)
+    assert decode_image(read_bytes(rec.origin), 16).shape == (16, 16, 3)
+
+
+def test_parquet_dataset_with_class_names(tmp_path):
+    table = pa.table({"image": [png_bytes(), png_bytes(), b""], "label": ["ant", "bee", "bee"]})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    listing = list_dataset(tmp_path)
+    assert listing.classes == {0: "ant", 1: "bee"} and listing.counts() == {0: 1, 1: 2}
+    with pytest.raises(UserError, match="'bee' has 1 usable"):
+        select(listing, SelectConfig(classes=["bee"]), image_size=16)
+
+
+def test_parquet_missing_column_names_it(tmp_path):
+    pq.write_table(pa.table({"img": [png_bytes()], "label": [1]}), tmp_path / "x.parquet")
+    with pytest.raises(UserError, match="no column 'image'"):
+        list_dataset(tmp_path)
