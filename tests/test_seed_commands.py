@@ -1,0 +1,126 @@
+"""`tailseed invert` and `tailseed generate` on a tiny saved model, through the real CLI parser."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs import cli
+from pipeline.seed_table import read_seeds
+
+
+@pytest.fixture
+def main(monkeypatch):
+    """The real `tailseed` entry point, with only this module's subcommands registered (the other
+    subcommands' modules are not needed here and may import things these tests do not build)."""
+    monkeypatch.setattr(
+        cli, "SUBCOMMANDS", {"invert": "jobs.seed_commands", "generate": "jobs.seed_commands"}
+    )
+    return cli.main
+
+
+FAST = ["--steps", "4", "--max-iters", "3", "--guidance-scale", "2"]
+
+
+def _png(path, size=16, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (size, size, 4), dtype=np.uint8)
+    Image.fromarray(array, "RGBA").convert(mode).save(path)
+    return path
+
+
+def test_invert_then_generate(main, tmp_path, tiny_model_dir, capsys):
+    images = [_png(tmp_path / "a b.png", seed=1), _png(tmp_path / "c.png", seed=2)]
+    seeds = tmp_path / "seeds.parquet"
+    argv = ["invert", "--model", str(tiny_model_dir), "--prompt", "a photo of the digit four"]
+    code = main(argv + ["--out", str(seeds), "--class-index", "4", *FAST, *map(str, images)])
+    assert code == 0
+    table = pq.read_table(seeds)
+    assert table.column("key").to_pylist() == ["a_b", "c"]
+    rows = read_seeds(seeds)
+    assert rows[0]["class_index"] == 4 and rows[0]["prompt"] == "a photo of the digit four"
+    assert rows[0]["seed"].shape == (4, 8, 8) and rows[0]["num_inference_steps"] == 4
+    assert rows[0]["guidance_scale"] == 2.0 and rows[0]["nfe"] > 0
+    assert rows[0]["recon_psnr"] > 0 and rows[0]["model"] == str(tiny_model_dir)
+
+    out = tmp_path / "gen"
+    assert (
+        main(["generate", "--model", str(tiny_model_dir), "--seeds", str(seeds), "--out", str(out)])
+        == 0
+    )
+    pngs = sorted(p.name for p in out.iterdir())
+    assert pngs == ["a_b.png", "c.png"]
+    assert Image.open(out / "c.png").size == (16, 16)
+    again = tmp_path / "gen2"
+    main(["generate", "--model", str(tiny_model_dir), "--seeds", str(seeds), "--out", str(again)])
+    assert (again / "c.png").read_bytes() == (out / "c.png").read_bytes()
+
+
+def test_wrong_size_and_mode_are_converted(main, tmp_path, tiny_model_dir, capsys):
+    images = [
+        _png(tmp_path / "big.png", size=40, seed=3),
+        _png(tmp_path / "gray.png", mode="L", seed=4),
+        _png(tmp_path / "alpha.png", mode="RGBA", seed=5),
+    ]
+    seeds = tmp_path / "s.parquet"
+    argv = ["invert", "--model", str(tiny_model_dir), "--prompt", "a photo of the digit one"]
+    assert main(argv + ["--out", str(seeds), *FAST, *map(str, images)]) == 0
+    assert "big.png: resized 40x40 -> 16x16" in capsys.readouterr().err
+    assert [r["key"] for r in read_seeds(seeds)] == ["big", "gray", "alpha"]
+
+
+def _invert_fails(main, tmp_path, model_dir, image) -> int:
+    out = tmp_path / "s.parquet"
+    argv = ["invert", "--model", str(model_dir), "--prompt", "p", "--out", str(out)]
+    code = main(argv + [*FAST, str(image)])
+    assert not out.exists()
+    return code
+
+
+def test_non_square_image_is_rejected_naming_it(main, tmp_path, tiny_model_dir, capsys):
+    Image.new("RGB", (20, 10)).save(tmp_path / "wide.png")
+    assert _invert_fails(main, tmp_path, tiny_model_dir, tmp_path / "wide.png") == 2
+    assert "wide.png: is 20x10" in capsys.readouterr().err
+
+
+def test_unreadable_image_is_rejected_naming_it(main, tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert _invert_fails(main, tmp_path, tiny_model_dir, tmp_path / "broken.png") == 2
+    assert "broken.png: cannot be read" in capsys.readouterr().err
+
+
+def test_duplicate_keys_are_an_error(main, tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "x").mkdir()
+    a = _png(tmp_path / "img.png")
+    b = _png(tmp_path / "x" / "img.png")
+    argv = [
+        "invert",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "p",
+        "--out",
+        str(tmp_path / "s.parquet"),
+    ]
+    assert main(argv + [*FAST, str(a), str(b)]) == 2
+    assert "same key 'img'" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_seed_of_another_shape(main, tmp_path, tiny_model_dir, capsys):
+    from pipeline.seed_table import write_seeds
+
+    row = {
+        "key": "k",
+        "prompt": "p",
+        "seed": np.zeros((4, 4, 4), np.float32),
+        "guidance_scale": 1.0,
+        "num_inference_steps": 2,
+        "model": "m",
+        "model_hash": "h",
+    }
+    write_seeds(tmp_path / "s.parquet", [row])
+    argv = ["generate", "--model", str(tiny_model_dir), "--seeds", str(tmp_path / "s.parquet")]
+    assert main(argv + ["--out", str(tmp_path / "o")]) == 2
+    assert "shape (4, 4, 4)" in capsys.readouterr().err
