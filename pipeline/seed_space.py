@@ -300,7 +300,27 @@ def _arc_positions(path: torch.Tensor) -> torch.Tensor:
     """Cumulative arc length of paths (B, n, k), normalised to [0, 1] -> (B, n)."""
     seg = (path[:, 1:] - path[:, :-1]).norm(dim=-1)
     cum = torch.cat([torch.zeros_like(seg[:, :1]), seg.cumsum(-1)], dim=-1)
-    return cum / cum[:, -1:].clamp_min(1e-30)
+    even = torch.linspace(0.0, 1.0, path.shape[1]).expand_as(cum)  # for paths of length 0
+    return torch.where(cum[:, -1:] > 0, cum / cum[:, -1:].clamp_min(1e-30), even)
+
+
+def point_at(path: torch.Tensor, positions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Points of one discretised path at arc-length positions: path (n, C, h, w), positions (n,)
+    increasing from 0 to 1 (as `NaoPaths.t`), t (m,) in [0, 1] -> (m, C, h, w).
+
+    Between two neighbouring points, the direction is interpolated linearly and the norm is set to
+    the linear interpolation of their norms, so a point between two points on the shell is on it.
+    """
+    n = path.shape[0]
+    flat = path.reshape(n, -1)  # (n, D)
+    k = torch.searchsorted(positions.contiguous(), t.contiguous(), right=True).clamp(1, n - 1) - 1
+    span = (positions[k + 1] - positions[k]).clamp_min(1e-30)
+    s = ((t - positions[k]) / span).clamp(0.0, 1.0).unsqueeze(-1)  # (m, 1)
+    lo, hi = flat[k], flat[k + 1]  # (m, D)
+    chord = (1 - s) * lo + s * hi
+    radius = (1 - s) * lo.norm(dim=-1, keepdim=True) + s * hi.norm(dim=-1, keepdim=True)
+    out = chord / chord.norm(dim=-1, keepdim=True).clamp_min(1e-30) * radius
+    return out.reshape(t.shape[0], *path.shape[1:])
 
 
 def _adam_step(params, grads, state, lr, active_mask) -> None:
@@ -386,9 +406,11 @@ def nao_path(
         full = torch.cat([ya.unsqueeze(1), inner, yb.unsqueeze(1)], dim=1)
         return path_loss(full, dim, eps, config.penalty_weight)
 
-    # 3. optimise the interior points
+    # 3. optimise the interior points; a pair of equal seeds is solved by its start (all points at
+    # the seed), where Adam would only circle the kink of zero-length segments
     params = [rho.clone(), v.clone()]
-    loss, iters = _optimise(loss_fn, params, P, config)
+    same = (a == b).reshape(P, dim).all(-1)
+    loss, iters = _optimise(loss_fn, params, P, config, solved=same)
     with torch.no_grad():
         # 4. back to seed space, endpoints copied bit for bit
         inner = _unpolar(params[0], params[1], scale)

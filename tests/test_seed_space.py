@@ -17,6 +17,7 @@ from pipeline.seed_space import (
     nao_path,
     nao_path_reference,
     path_loss,
+    point_at,
     slerp,
 )
 
@@ -190,3 +191,14 @@ def test_centroid_is_on_the_shell_and_paths_join_seeds_to_it():
     assert bool(((c >= low) & (c <= high)).all())
     plain_mean = norms(sets.mean(1))
     assert bool((plain_mean < low).all())  # why the plain average is not a centroid here
+
+
+def test_point_at_returns_path_points_and_stays_on_the_shell_between_them():
+    a, b = gaussian(1, 27), gaussian(1, 28)
+    result = nao_path(a, b, n=10)
+    path, positions = result.path[0], result.t[0]
+    again = point_at(path, positions, positions)
+    assert torch.allclose(again, path, atol=1e-4)
+    between = point_at(path, positions, 0.5 * (positions[1:] + positions[:-1]))
+    expected = 0.5 * (norms(path[1:]) + norms(path[:-1]))
+    assert torch.allclose(norms(between), expected, rtol=1e-5)
