@@ -5,20 +5,25 @@ points on a path, K for seeds in a set, and (C, h, w) for one seed; dim = C * h 
 
 The norm prior (NAO, Samuel et al., arXiv 2306.08687): a seed z ~ N(0, I_dim) has a norm |z| that
 follows the chi distribution with dim degrees of freedom, concentrated near sqrt(dim). NAO looks for
-the path gamma from a to b that maximises the line integral of log chi_dim(|gamma|) along it,
+the path gamma from a to b that maximises the line integral of log chi_dim(|gamma|) along it. On a
+path discretised into n points x_0 = a, ..., x_{n-1} = b, with L(x) = -log chi_dim(|x|):
 
-    J(gamma) = sum_k |x_{k+1} - x_k| * (-log chi_dim(|(x_k + x_{k+1}) / 2|))      (to minimise)
-             + lambda * sum_k relu(|x_{k+1} - x_k| - eps)                         (even spacing)
+    J = sum_k |x_{k+1} - x_k| * (L(x_k) + 4 L((x_k + x_{k+1}) / 2) + L(x_{k+1})) / 6   (minimise)
+      + lambda * sum_k relu(|x_{k+1} - x_k| - eps)                                    (spacing)
 
-over the interior points x_1 .. x_{n-2} of a path discretised into n points (x_0 = a, x_{n-1} = b).
-Because a chi density is below 1 everywhere, -log chi > 0, so J is a path length weighted by how
-unlikely each norm is: the first term is both the norm prior and the length/smoothness term.
-Centroids add the paths from every seed to a free centroid c and the term -log chi_dim(|c|).
+over the interior points. A chi density is below 1 everywhere, so L > 0 and the first term is a
+path length weighted by how unlikely each norm is: it is the norm prior and the length/smoothness
+term at once. The published code evaluates L at segment midpoints only; with endpoints inside the
+shell (inverted seeds) that rule is exploited: points pile up on the endpoints and one long segment
+jumps to the shell, its midpoint scored as typical. Simpson's rule of the same integral scores both
+ends of every segment and removes the exploit. Centroids add the paths from every seed to a free
+centroid c and the term L(c).
 
-Why the batched solver is cheap: J depends on the points only through norms and distances, so an
-isometry of R^dim that fixes a and b leaves it unchanged, and its gradient at points of the plane
-span(a, b) lies in that plane. An optimal path therefore lies in that plane (for a set of K seeds,
-in their span), and the batched solver optimises k = 2 (or K) coordinates per point instead of dim,
+Why the batched solver is cheap: J depends on the points only through norms and distances. Folding
+a path into the half-plane of span(a, b) (keep each point's component along a and its norm) keeps
+the norms and makes no distance longer, and the gradient of J at points of the plane
+lies in the plane. So the plane holds an optimal path (for a set of K seeds, their span does), and
+the batched solver optimises k = 2 (or K) coordinates per point instead of dim,
 in polar form (log-radius and direction) so that the stiff radial and the soft tangential directions
 are separate coordinates for Adam. `nao_path_reference` keeps the published form: every coordinate
 of every interior point in R^dim, lerp plus a little noise as the start, Adam at lr 0.01, one path at
@@ -416,8 +421,10 @@ def nao_path(
         inner = _unpolar(params[0], params[1], scale)
         full = torch.cat([ya.unsqueeze(1), inner, yb.unsqueeze(1)], dim=1)  # (P, n, 2)
         t = _arc_positions(full)
-        path = torch.einsum("pnk,pkd->pnd", inner, basis).reshape(P, n - 2, *shape)
-        path = torch.cat([a.unsqueeze(1).float(), path, b.unsqueeze(1).float()], dim=1)
+        path = torch.empty(P, n, dim)  # filled in place: a copy of a large batch costs seconds
+        path[:, 0], path[:, -1] = a.reshape(P, dim), b.reshape(P, dim)
+        path[:, 1:-1] = torch.bmm(inner, basis)  # (P, n-2, dim)
+        path = path.reshape(P, n, *shape)
     return NaoPaths(path=path, t=t, loss=loss, iters=iters)
 
 
