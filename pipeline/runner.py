@@ -189,7 +189,8 @@ class RayRunner:
         import ray
 
         self.log = log
-        if not ray.is_initialized():
+        self.owns_ray = not ray.is_initialized()  # a Ray started here is stopped here, not a caller's
+        if self.owns_ray:
             if address:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             else:
@@ -249,5 +250,5 @@ class RayRunner:
     def shutdown(self) -> None:
         import ray
 
-        if ray.is_initialized():
+        if self.owns_ray and ray.is_initialized():
             ray.shutdown()

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 TAR_MTIME = 0  # fixed, so the same samples give byte-identical tars on every run
@@ -21,9 +22,19 @@ def stats_name(index: int) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers see the old file or the whole new one."""
+    """Write to a temporary sibling, fsync, then rename: readers see the old file or the whole new one.
+
+    TAILSEED_SLOW_WRITE_S (fault injection for the kill-and-resume test) pauses half-way through
+    each file, so a test can kill the process while a shard is half written.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
+    pause = float(os.environ.get("TAILSEED_SLOW_WRITE_S", "0"))
     with open(tmp, "wb") as fh:
+        if pause > 0:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            time.sleep(pause)
+            data = data[len(data) // 2 :]
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

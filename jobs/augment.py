@@ -1,0 +1,631 @@
+"""The augment job: labelled dataset -> rare-class seeds -> walks -> generated WebDataset shards.
+
+Runs the stages of `stages/` through the runner (local Ray, a Ray cluster, or in-process) and owns
+the output folder: shards with done-markers, seeds and walks Parquet, classes.json, run.json and a
+contact sheet per augmented class. A rerun skips what is done; a rerun into a folder made by a
+different config stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import apply_overrides, from_dict, load_yaml, stable_hash, to_dict
+from pipeline.errors import UserError
+from pipeline.models import ModelSpec, describe_model
+from pipeline.runner import LocalRunner, RayRunner, Stage
+from pipeline.seed_table import read_seeds, read_walks, write_seeds, write_walks
+from pipeline.shards import atomic_write, dumps, shard_done, write_index
+from stages.generate import GenerateConfig, GenerateStage
+from stages.invert import InvertConfig, InvertStage
+from stages.scan import EMBEDDED, ScanConfig, scan
+from stages.select import ClassPlan, SelectConfig, select
+from stages.walk import WalkConfig, make_walks
+from stages.write import ShardConfig, WriteStage
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # "" starts a local Ray; inside a Ray job the job's cluster is used
+    local_num_cpus: int = 0  # CPUs of the local Ray (0: all of this machine's)
+    object_store_mb: int = 512  # small: blocks are small, and Ray's default takes 30% of RAM
+    in_process: bool = False  # run the stages in this process, without Ray
+    runtime_pip: list[str] = field(
+        default_factory=list
+    )  # packages a cluster's image lacks (submit)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    name: str = "default"
+    output_dir: str = ""  # default: out/<name>
+    model: ModelSpec = field(default_factory=ModelSpec)
+    dataset: ScanConfig = field(default_factory=ScanConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    invert: InvertConfig = field(default_factory=InvertConfig)
+    walk: WalkConfig = field(default_factory=WalkConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def out(self) -> Path:
+        return Path(self.output_dir or f"out/{self.name}")
+
+
+# Settings that change where or how fast the work runs, never what it produces.
+_NOT_HASHED = ("name", "output_dir", "ray")
+
+
+def output_hash(config: AugmentConfig) -> str:
+    """Hash of every setting that affects the output (not resources, Ray or the folder)."""
+    data = to_dict(config)
+    for key in _NOT_HASHED:
+        data.pop(key)
+    data["invert"].pop("resources")
+    data["generate"].pop("resources")
+    return stable_hash(data)
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> AugmentConfig:
+    data = apply_overrides(load_yaml(path), list(overrides))
+    try:
+        return from_dict(AugmentConfig, data)
+    except UserError as exc:
+        raise UserError(f"config {path}: {exc}") from exc
+
+
+def log(message: str) -> None:
+    print(f"[tailseed] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning (driver only: cheap, and everything it can check is checked before any model work)
+
+
+@dataclass
+class Plan:
+    config: AugmentConfig
+    config_hash: str
+    model: dict
+    classes: dict[int, str]
+    counts: dict[int, int]
+    plans: list[ClassPlan]
+    left_out: dict[str, str]
+    scan_skipped: Counter
+    failed: dict[str, str] = field(default_factory=dict)  # source key -> why its inversion failed
+
+
+def make_plan(config: AugmentConfig) -> Plan:
+    model = describe_model(config.model)
+    if config.dataset.materialize == EMBEDDED:
+        materialize_embedded(Path(config.dataset.path), model)
+    listing = scan(config.dataset)
+    plans, left_out = select(
+        listing, config.select, model["image_size"], config.dataset.image_column
+    )
+    return Plan(
+        config,
+        output_hash(config),
+        model,
+        listing.classes,
+        listing.counts(),
+        plans,
+        left_out,
+        listing.skipped,
+    )
+
+
+def materialize_embedded(path: Path, model: dict) -> None:
+    """Write the embedded digits dataset (user split, and the test split beside it) if missing."""
+    from pipeline.digits import materialize
+
+    card = model["card"]
+    if "split_indices" not in card:
+        raise UserError(
+            f"dataset.materialize: {EMBEDDED} needs the embedded model's card, not {model['model']}"
+        )
+    if path.name != "user":
+        raise UserError(
+            f"dataset.path: with materialize {EMBEDDED}, the path must end in /user (got {path})"
+        )
+    materialize(path.parent, card["split_indices"])
+
+
+def estimate_nfe(plan: Plan) -> dict:
+    """Upper-bound UNet evaluations: inversion at its iteration cap, generation exactly."""
+    solver = plan.config.invert.solver
+    cfg_mult = 1 if solver.guidance_scale == 1 else 2
+    per_step = 1 if solver.method == "ddim" else solver.max_iters
+    adjust = int(round(solver.adjust_strength * 50)) * (1 if solver.adjust_guidance == 1 else 2)
+    sources = sum(len(p.source_keys) for p in plan.plans)
+    invert = sources * (solver.num_inference_steps * per_step * cfg_mult + adjust)
+    gen = plan.config.generate
+    generated = sum(p.to_generate for p in plan.plans)
+    generate = generated * gen.num_inference_steps * (1 if gen.guidance_scale == 1 else 2)
+    return {"invert_max": invert, "generate": generate, "sources": sources, "images": generated}
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    lines = [f"dataset: {len(plan.classes)} classes, {sum(plan.counts.values())} images"]
+    if plan.scan_skipped:
+        lines.append(f"  skipped while listing: {dict(plan.scan_skipped)}")
+    for p in plan.plans:
+        extra = f", skipped sources {dict(p.skipped)}" if p.skipped else ""
+        lines.append(
+            f"rare class {p.class_index} {p.class_name!r}: {p.real_count} real, {len(p.source_keys)} sources, "
+            f"+{p.to_generate} to generate, prompt {p.prompt!r}{extra}"
+        )
+    for name, reason in plan.left_out.items():
+        lines.append(f"left out {name!r}: {reason}")
+    est = estimate_nfe(plan)
+    lines.append(
+        f"images to generate: {est['images']}; UNet evaluations: inversion <= {est['invert_max']}, "
+        f"generation {est['generate']}"
+    )
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Output folder
+
+
+def check_output_folder(out: Path, config_hash: str) -> dict:
+    """Create or reuse `out`; refuse one made by a different config."""
+    run_json = out / "run.json"
+    if run_json.is_file():
+        previous = json.loads(run_json.read_text())
+        if previous.get("config_hash") != config_hash:
+            raise UserError(
+                f"output folder {out} was made by a different config (hash {previous.get('config_hash')} "
+                f"vs {config_hash}); use another output_dir or delete the folder"
+            )
+        return previous
+    if out.exists() and any(out.iterdir()):
+        raise UserError(
+            f"output folder {out} exists and is not a tailseed run; use another output_dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return {}
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "ray",
+        "webdataset",
+        "pyarrow",
+        "pillow",
+        "numpy",
+    ):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def seeds_path(out: Path, class_index: int) -> Path:
+    return out / "seeds" / f"class_{class_index:04d}.parquet"
+
+
+def walks_path(out: Path, class_index: int) -> Path:
+    return out / "walks" / f"class_{class_index:04d}.parquet"
+
+
+def noise_seed(key: str, config_hash: str) -> int:
+    return int(stable_hash([key, config_hash], 8), 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+
+
+def make_runner(config: AugmentConfig, address: str | None):
+    if config.ray.in_process:
+        return LocalRunner()
+    address = address or config.ray.address or None
+    env = os.environ.get("RAY_ADDRESS", "")
+    if not address and env and not env.startswith("http"):
+        address = env  # inside a Ray job: connect to the job's cluster
+    return RayRunner(
+        address=address,
+        num_cpus=config.ray.local_num_cpus or None,
+        object_store_mb=config.ray.object_store_mb,
+        log=log,
+    )
+
+
+def run_inversion(plan: Plan, runner, out: Path, timings: dict, nodes: set) -> dict[int, dict]:
+    """Seeds for every planned class: reused from seeds/ when there, else inverted on actors."""
+    cfg = plan.config
+    tables, todo = {}, []
+    for p in plan.plans:
+        path = seeds_path(out, p.class_index)
+        if path.is_file():
+            tables[p.class_index] = read_seeds(path)
+        else:
+            todo.append(p)
+    if not todo:
+        log("invert: all seeds already in seeds/, reused")
+        return tables
+    rows = []
+    for p in todo:
+        for key, image in zip(p.source_keys, p.source_images):
+            rows.append((p, key, image))
+    units = {}
+    for u, start in enumerate(range(0, len(rows), cfg.invert.batch_size)):
+        chunk = rows[start : start + cfg.invert.batch_size]
+        units[u] = {
+            "key": np.asarray([k for _, k, _ in chunk]),
+            "image": np.stack([im for *_, im in chunk]),
+            "prompt": np.asarray([p.prompt for p, *_ in chunk]),
+            "noise_seed": np.asarray(
+                [noise_seed(k, plan.config_hash) for _, k, _ in chunk], dtype=np.int64
+            ),
+        }
+    solver = to_dict(cfg.invert.solver)
+    stage = Stage(
+        "invert", InvertStage, {"model": to_dict(cfg.model), "solver": solver}, cfg.invert.resources
+    )
+    t0 = time.perf_counter()
+    results = {}
+    for res in runner.run(units, [stage]):
+        results.update(
+            {
+                str(k): {name: res.batch[name][i] for name in res.batch}
+                for i, k in enumerate(res.batch["key"])
+            }
+        )
+        nodes.update(res.node_id.split(","))
+        log(
+            f"invert: unit {len(results)}/{len(rows)} images done ({res.seconds:.1f}s in the stage)"
+        )
+    timings["invert_s"] = round(time.perf_counter() - t0, 2)
+    for p in todo:
+        table_rows = []
+        for key in p.source_keys:
+            r = results[key]
+            if r["failed"]:
+                plan.failed[key] = (
+                    f"class {p.class_name!r}: inversion diverged (residual {float(r['residual']):.3g})"
+                )
+                log(
+                    f"invert: {key} failed, residual {float(r['residual']):.3g}; left out of the walks"
+                )
+                continue
+            table_rows.append(
+                {
+                    "key": key,
+                    "class_index": p.class_index,
+                    "class_name": p.class_name,
+                    "prompt": p.prompt,
+                    "seed": r["seed"],
+                    "guidance_scale": solver["guidance_scale"],
+                    "num_inference_steps": solver["num_inference_steps"],
+                    "model": cfg.model.path,
+                    "model_hash": plan.model["model_hash"],
+                    "recon_psnr": float(r["recon_psnr"]),
+                    "recon_latent_rmse": float(r["recon_latent_rmse"]),
+                    "nfe": int(r["nfe"]),
+                }
+            )
+        path = seeds_path(out, p.class_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_seeds(path, table_rows)
+        tables[p.class_index] = read_seeds(path)
+    return tables
+
+
+def run_walks(plan: Plan, seeds: dict[int, list[dict]], out: Path) -> dict[int, list[dict]]:
+    """Walk rows per class: reused from walks/ when there, else sampled and written."""
+    cfg = plan.config
+    gen = cfg.generate
+    walks = {}
+    for p in plan.plans:
+        path = walks_path(out, p.class_index)
+        if path.is_file():
+            walks[p.class_index] = read_walks(path)
+            continue
+        rows = seeds[p.class_index]
+        keys = [r["key"] for r in rows]
+        stacked = np.stack([r["seed"] for r in rows]) if rows else np.zeros((0,))
+        new = make_walks(
+            p.class_index, p.class_name, stacked, keys, p.to_generate, cfg.walk, plan.config_hash
+        )
+        table = [
+            {
+                **w,
+                "class_index": p.class_index,
+                "class_name": p.class_name,
+                "prompt": p.prompt,
+                "guidance_scale": gen.guidance_scale,
+                "num_inference_steps": gen.num_inference_steps,
+                "model": cfg.model.path,
+                "model_hash": plan.model["model_hash"],
+            }
+            for w in new
+        ]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_walks(path, table)
+        walks[p.class_index] = read_walks(path)
+        log(
+            f"walk: class {p.class_name!r}: {len(new)} new seeds from {len(keys)} sources ({cfg.walk.method})"
+        )
+    return walks
+
+
+def interleave(walks: dict[int, list[dict]]) -> list[dict]:
+    """All classes' walk rows in one fixed order, round-robin over classes, so shards mix classes."""
+    queues = [list(walks[c]) for c in sorted(walks)]
+    order = []
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+    return order
+
+
+def sample_meta(row: dict, plan: Plan) -> str:
+    cfg = plan.config
+    return json.dumps(
+        {
+            "key": row["key"],
+            "class_index": int(row["class_index"]),
+            "class_name": row["class_name"],
+            "prompt": row["prompt"],
+            "sources": list(row["sources"]),
+            "weights": [float(w) for w in row["weights"]],
+            "method": row["method"],
+            "guidance_scale": float(row["guidance_scale"]),
+            "num_inference_steps": int(row["num_inference_steps"]),
+            "model": row["model"],
+            "model_hash": row["model_hash"],
+            "inversion": to_dict(cfg.invert.solver),
+            "config_hash": plan.config_hash,
+        },
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+
+
+def run_generation(
+    plan: Plan, ordered: list[dict], runner, out: Path, timings: dict, nodes: set
+) -> int:
+    """Generate and write every shard that is not done yet; returns the number of shards."""
+    cfg = plan.config
+    per = cfg.shards.samples_per_shard
+    num_shards = (len(ordered) + per - 1) // per
+    shards_dir = out / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    units = {}
+    for s in range(num_shards):
+        if shard_done(shards_dir, s):
+            continue
+        rows = ordered[s * per : (s + 1) * per]
+        units[s] = {
+            "shard": np.full(len(rows), s, dtype=np.int64),
+            "key": np.asarray([r["key"] for r in rows]),
+            "seed": np.stack([r["seed"] for r in rows]).astype(np.float32),
+            "prompt": np.asarray([r["prompt"] for r in rows]),
+            "cls": np.asarray([r["class_index"] for r in rows], dtype=np.int64),
+            "meta": np.asarray([sample_meta(r, plan) for r in rows]),
+        }
+    done_before = num_shards - len(units)
+    if done_before:
+        log(f"generate: {done_before}/{num_shards} shards already done, skipped")
+    if not units:
+        return num_shards
+    gen = cfg.generate
+    generate = Stage(
+        "generate",
+        GenerateStage,
+        {
+            "model": to_dict(cfg.model),
+            "guidance_scale": gen.guidance_scale,
+            "num_inference_steps": gen.num_inference_steps,
+            "batch_size": gen.batch_size,
+        },
+        gen.resources,
+    )
+    write = Stage(
+        "write",
+        WriteStage,
+        {"shards_dir": str(shards_dir.resolve())},
+        replace(gen.resources, num_gpus=0.0, num_cpus=min(gen.resources.num_cpus, 0.25)),
+    )
+    t0 = time.perf_counter()
+    finished = done_before
+    for res in runner.run(units, [generate, write]):
+        finished += 1
+        nodes.update(res.node_id.split(","))
+        skipped = json.loads(str(res.batch["skipped"][0]))
+        extra = f", skipped {skipped}" if skipped else ""
+        log(
+            f"generate: shard {res.unit:05d} written ({int(res.batch['samples'][0])} samples{extra}), "
+            f"{finished}/{num_shards} shards done"
+        )
+    timings["generate_s"] = round(time.perf_counter() - t0, 2)
+    return num_shards
+
+
+def write_contact_sheets(plan: Plan, out: Path, per_class: int = 64) -> list[str]:
+    """contact_class_NNNN.png per augmented class: its real sources on top, generated images below."""
+    from pipeline.contact import grid, iter_shard_images, labelled
+
+    generated: dict[int, list[np.ndarray]] = {p.class_index: [] for p in plan.plans}
+    for _, cls, image in iter_shard_images(out / "shards"):
+        if cls in generated and len(generated[cls]) < per_class:
+            generated[cls].append(image)
+    names = []
+    for p in plan.plans:
+        scale = max(1, 64 // p.source_images.shape[1])
+        sheet = labelled(
+            [
+                (
+                    f"{p.class_name}: {len(p.source_keys)} real sources",
+                    grid(list(p.source_images), 10, scale),
+                ),
+                (
+                    f"generated (first {len(generated[p.class_index])})",
+                    grid(generated[p.class_index], 10, scale),
+                ),
+            ]
+        )
+        name = f"contact_class_{p.class_index:04d}.png"
+        buf = io.BytesIO()
+        sheet.save(buf, format="PNG")
+        atomic_write(out / name, buf.getvalue())
+        names.append(name)
+    return names
+
+
+def finalize(
+    plan: Plan, out: Path, num_shards: int, timings: dict, nodes: set, started: float
+) -> dict:
+    shards_dir = out / "shards"
+    index = write_index(shards_dir, num_shards)
+    stats = [
+        json.loads((shards_dir / f"{s:05d}_stats.json").read_text()) for s in range(num_shards)
+    ]
+    skipped = Counter()
+    for st in stats:
+        skipped.update(st["skipped"])
+    t0 = time.perf_counter()
+    sheets = write_contact_sheets(plan, out)
+    timings["contact_sheets_s"] = round(time.perf_counter() - t0, 2)
+    timings["total_s"] = round(time.perf_counter() - started, 2)
+    return {
+        "status": "complete",
+        "config_hash": plan.config_hash,
+        "config": to_dict(plan.config),
+        "model": {k: plan.model[k] for k in ("model", "model_hash", "image_size", "latent_shape")},
+        "versions": package_versions(),
+        "classes": {str(k): v for k, v in plan.classes.items()},
+        "counts": {
+            "real_per_class": {str(k): v for k, v in plan.counts.items()},
+            "augmented_classes": {
+                p.class_name: {
+                    "real": p.real_count,
+                    "sources": len(p.source_keys),
+                    "generated": sum(st["per_class"].get(str(p.class_index), 0) for st in stats),
+                }
+                for p in plan.plans
+            },
+            "samples": sum(s["nsamples"] for s in index["shardlist"]),
+            "shards": num_shards,
+            "skipped_listing": dict(plan.scan_skipped),
+            "skipped_sources": {p.class_name: dict(p.skipped) for p in plan.plans if p.skipped},
+            "skipped_generation": dict(skipped),
+            "inversion_failed": plan.failed,
+            "left_out_classes": plan.left_out,
+        },
+        "timings": timings,
+        "node_ids": sorted(n for n in nodes if n),
+        "contact_sheets": sheets,
+    }
+
+
+def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False) -> dict:
+    started = time.perf_counter()
+    timings: dict = {}
+    plan = make_plan(config)
+    timings["plan_s"] = round(time.perf_counter() - started, 2)
+    out = config.out()
+    log(f"config {config.name} (hash {plan.config_hash}), model {config.model.path}, output {out}")
+    for line in describe_plan(plan):
+        log(line)
+    if dry_run:
+        log("dry run: stopping before any model work")
+        return {"dry_run": True, "estimate": estimate_nfe(plan)}
+    check_output_folder(out, plan.config_hash)
+    atomic_write(out / "classes.json", dumps({str(k): v for k, v in sorted(plan.classes.items())}))
+    atomic_write(
+        out / "run.json",
+        dumps({"status": "running", "config_hash": plan.config_hash, "config": to_dict(config)}),
+    )
+    t0 = time.perf_counter()
+    runner = make_runner(config, address)
+    timings["runner_start_s"] = round(time.perf_counter() - t0, 2)
+    nodes: set = set()
+    try:
+        seeds = run_inversion(plan, runner, out, timings, nodes)
+        walks = run_walks(plan, seeds, out)
+        ordered = interleave(walks)
+        num_shards = run_generation(plan, ordered, runner, out, timings, nodes)
+    finally:
+        runner.shutdown()
+    report = finalize(plan, out, num_shards, timings, nodes, started)
+    atomic_write(out / "run.json", dumps(report))
+    counts = report["counts"]
+    log(
+        f"done in {timings['total_s']:.0f}s: {counts['samples']} images in {num_shards} shards for "
+        f"{len(plan.plans)} rare classes ({', '.join(p.class_name for p in plan.plans)}) -> {out}/shards"
+    )
+    log(f"look first: {', '.join(str(out / s) for s in report['contact_sheets'])}")
+    return report
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "augment", help="augment the rare classes of a dataset (see configs/)"
+    )
+    p.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set select.quota=60 (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan and estimated cost, then stop"
+    )
+    p.add_argument(
+        "--ray-address", default="", help="a Ray cluster: http://HOST:8265 submits a Ray job"
+    )
+    p.set_defaults(func=main_args)
+
+
+def main_args(args) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.ray_address.startswith("http"):
+        from jobs.submit import submit
+
+        return submit(args.config, args.overrides, args.ray_address, dry_run=args.dry_run)
+    run(config, address=args.ray_address or None, dry_run=args.dry_run)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.augment", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="command")
+    add_parser(sub)
+    args = parser.parse_args(["augment", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return main_args(args)
+    except UserError as exc:
+        print(f"tailseed augment: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

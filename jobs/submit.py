@@ -1,0 +1,82 @@
+"""Submit the augment job to a running Ray cluster's job server and stream its progress.
+
+The entrypoint runs `python -m jobs.augment` with the cluster's Python (never `make`); the runtime
+environment ships this repository (code, configs and the embedded model) and installs only the
+packages that the config's `ray.runtime_pip` names, for images that lack them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import time
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+EXCLUDES = [
+    ".venv/",
+    "out/",
+    "data/",
+    ".git/",
+    "docs/",
+    "**/__pycache__/",
+    ".ruff_cache/",
+    ".pytest_cache/",
+]
+
+
+def entrypoint(config: Path, overrides: list[str], dry_run: bool) -> str:
+    rel = config.resolve().relative_to(REPO) if config.resolve().is_relative_to(REPO) else config
+    args = ["python", "-m", "jobs.augment", "--config", str(rel)]
+    for item in overrides:
+        args += ["--set", item]
+    if dry_run:
+        args.append("--dry-run")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def submit(config: Path, overrides: list[str], address: str, dry_run: bool = False) -> int:
+    """Submit, stream the job's log here, and return 0 if the job succeeded."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from jobs.augment import load_config
+
+    cfg = load_config(config, overrides)
+    if not config.resolve().is_relative_to(REPO):
+        raise UserError(
+            f"config {config}: must live inside the repository ({REPO}) to travel with the job"
+        )
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the job server is reported the same way
+        raise UserError(
+            f"RAY_ADDRESS {address}: no Ray job server answered ({exc.__class__.__name__}: {exc})"
+        ) from exc
+    runtime_env = {
+        "working_dir": str(REPO),
+        "excludes": EXCLUDES,
+        "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    }
+    if cfg.ray.runtime_pip:
+        runtime_env["pip"] = list(cfg.ray.runtime_pip)
+    job_id = client.submit_job(
+        entrypoint=entrypoint(config, overrides, dry_run), runtime_env=runtime_env
+    )
+    print(f"[tailseed] submitted job {job_id} to {address}", flush=True)
+
+    async def stream() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(stream())
+    except Exception as exc:  # noqa: BLE001 - log streaming is best effort; the status decides
+        print(f"[tailseed] log stream ended: {exc}", flush=True)
+    status = client.get_job_status(job_id)
+    while not status.is_terminal():
+        time.sleep(1)
+        status = client.get_job_status(job_id)
+    print(f"[tailseed] job {job_id}: {status.value}", flush=True)
+    return 0 if status == JobStatus.SUCCEEDED else 1

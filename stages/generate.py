@@ -1,0 +1,57 @@
+"""Generate: seeds -> images on model actors, in fixed batches within each shard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.images import encode_png
+from pipeline.inversion import InversionConfig, Inverter
+from pipeline.models import ModelSpec, load_pipeline
+from pipeline.runner import Resources
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    guidance_scale: float = 3.0  # classifier-free guidance of the regenerated images
+    num_inference_steps: int = 25  # DDIM steps from each seed
+    batch_size: int = 16  # images per UNet batch; fixed, so a resumed shard is computed identically
+    resources: Resources = field(default_factory=Resources)
+
+
+class GenerateStage:
+    """batch {key (N,), seed (N,C,h,w) float32, prompt (N,), ...} -> the batch without `seed`, plus
+    png (N,) bytes and ok (N,) bool.
+
+    N is one shard; the shard is generated in consecutive sub-batches of `batch_size`.
+    A sample whose image comes out non-finite is marked not ok (counted, never written).
+    """
+
+    def __init__(
+        self, model: dict, guidance_scale: float, num_inference_steps: int, batch_size: int
+    ):
+        pipe, _ = load_pipeline(ModelSpec(**model))
+        self.inverter = Inverter(pipe, InversionConfig(num_inference_steps=num_inference_steps))
+        self.guidance_scale, self.steps, self.batch_size = (
+            guidance_scale,
+            num_inference_steps,
+            batch_size,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seeds, prompts = batch["seed"], [str(p) for p in batch["prompt"]]
+        pngs, ok = [], []
+        for start in range(0, len(seeds), self.batch_size):
+            stop = start + self.batch_size
+            finite = np.isfinite(seeds[start:stop]).reshape(len(seeds[start:stop]), -1).all(axis=1)
+            images = self.inverter.generate(
+                seeds[start:stop], prompts[start:stop], self.guidance_scale, self.steps
+            )
+            for image, good in zip(images, finite):
+                ok.append(bool(good))
+                pngs.append(encode_png(image) if good else b"")
+        passed = {
+            k: v for k, v in batch.items() if k != "seed"
+        }  # provenance travels on to the writer
+        return {**passed, "png": np.asarray(pngs, dtype=object), "ok": np.asarray(ok)}

@@ -1,0 +1,38 @@
+"""Scan: list a labelled dataset and count images per class (metadata only, no decoding)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.datasets import Listing, list_dataset
+from pipeline.errors import UserError
+
+EMBEDDED = "embedded-digits"
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    path: str = "data/digits/user"  # an ImageFolder, a folder of WebDataset tars, or Parquet
+    format: str = "auto"  # auto | imagefolder | webdataset | parquet
+    label_key: str = "label"  # WebDataset .json members: the key holding the label
+    label_column: str = "label"  # Parquet: the label column (integers or class names)
+    image_column: str = "image"  # Parquet: image bytes (or a struct with `bytes`)
+    materialize: str = ""  # "embedded-digits": write the embedded dataset to `path` if missing
+
+    def validate(self, where: str) -> None:
+        if self.materialize not in ("", EMBEDDED):
+            raise UserError(f"{where}.materialize: {self.materialize!r}; use '' or '{EMBEDDED}'")
+
+
+def scan(config: ScanConfig) -> Listing:
+    """The dataset's classes, images per class and what was skipped while listing."""
+    path = Path(config.path)
+    if not path.exists():
+        raise UserError(
+            f"dataset.path {path}: no such file or folder. Point dataset.path at an ImageFolder "
+            f"(<root>/<class name>/<images>), a folder of WebDataset tars, or Parquet files."
+        )
+    return list_dataset(
+        path, config.format, config.label_key, config.label_column, config.image_column
+    )

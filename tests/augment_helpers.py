@@ -1,0 +1,40 @@
+"""Helpers shared by the augment tests: a tiny augment config, and the bytes of a run's shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+def write_config(path: Path, model_dir: Path, dataset: Path, out: Path, **extra) -> Path:
+    config = {
+        "name": "tiny",
+        "output_dir": str(out),
+        "model": {"path": str(model_dir)},
+        "dataset": {"path": str(dataset)},
+        "select": {
+            "rare_below": 10,
+            "max_sources": 5,
+            "quota_mode": "add",
+            "quota": 6,
+            "prompt_template": "a photo of the digit {}",
+        },
+        "invert": {
+            "batch_size": 4,
+            "solver": {"num_inference_steps": 4, "max_iters": 3, "guidance_scale": 2.0},
+        },
+        "walk": {"method": "slerp"},
+        "generate": {"num_inference_steps": 4, "guidance_scale": 2.0, "batch_size": 3},
+        "shards": {"samples_per_shard": 4},
+        "ray": {"in_process": True},
+    }
+    for dotted, value in extra.items():
+        section, key = dotted.split("__")
+        config[section][key] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def shard_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "shards").iterdir())}
