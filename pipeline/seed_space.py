@@ -157,12 +157,12 @@ class StopRule:
 class _Stopper:
     """Per-problem bookkeeping of StopRule for a batch: `active` (P,) bool says who still moves."""
 
-    def __init__(self, rule: StopRule, batch: int):
+    def __init__(self, rule: StopRule, batch: int, device: torch.device | None = None):
         self.rule = rule
-        self.last = torch.full((batch,), float("inf"))
-        self.quiet = torch.zeros(batch, dtype=torch.long)
-        self.active = torch.ones(batch, dtype=torch.bool)
-        self.iters = torch.zeros(batch, dtype=torch.long)
+        self.last = torch.full((batch,), float("inf"), device=device)
+        self.quiet = torch.zeros(batch, dtype=torch.long, device=device)
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)
+        self.iters = torch.zeros(batch, dtype=torch.long, device=device)
 
     def update(self, loss: torch.Tensor) -> None:
         loss = loss.detach()
@@ -286,7 +286,7 @@ def _start(
     worse local optimum. The interpolated start matters for close endpoints (a centroid near its
     seeds), where a detour to the shell is a local optimum of its own.
     """
-    t = torch.linspace(0.0, 1.0, n)[1:-1]
+    t = torch.linspace(0.0, 1.0, n, device=a.device)[1:-1]
     ra, rb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)  # (B, 1)
     direction = slerp(a / ra.clamp_min(1e-30), b / rb.clamp_min(1e-30), t)  # (B, n-2, k)
     direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -305,7 +305,9 @@ def _arc_positions(path: torch.Tensor) -> torch.Tensor:
     """Cumulative arc length of paths (B, n, k), normalised to [0, 1] -> (B, n)."""
     seg = (path[:, 1:] - path[:, :-1]).norm(dim=-1)
     cum = torch.cat([torch.zeros_like(seg[:, :1]), seg.cumsum(-1)], dim=-1)
-    even = torch.linspace(0.0, 1.0, path.shape[1]).expand_as(cum)  # for paths of length 0
+    even = torch.linspace(0.0, 1.0, path.shape[1], device=path.device).expand_as(
+        cum
+    )  # for paths of length 0
     return torch.where(cum[:, -1:] > 0, cum / cum[:, -1:].clamp_min(1e-30), even)
 
 
@@ -354,7 +356,7 @@ def _optimise(
     each problem follows exactly the trajectory it would follow alone; a problem that meets the stop
     rule is frozen while the others go on. Problems marked in `solved` (batch,) never move.
     """
-    stopper = _Stopper(config.stop, batch)
+    stopper = _Stopper(config.stop, batch, params[0].device)
     if solved is not None:
         stopper.active &= ~solved
     state = {
@@ -421,7 +423,9 @@ def nao_path(
         inner = _unpolar(params[0], params[1], scale)
         full = torch.cat([ya.unsqueeze(1), inner, yb.unsqueeze(1)], dim=1)  # (P, n, 2)
         t = _arc_positions(full)
-        path = torch.empty(P, n, dim)  # filled in place: a copy of a large batch costs seconds
+        path = torch.empty(
+            P, n, dim, device=a.device
+        )  # filled in place: a copy of a large batch costs seconds
         path[:, 0], path[:, -1] = a.reshape(P, dim), b.reshape(P, dim)
         path[:, 1:-1] = torch.bmm(inner, basis)  # (P, n-2, dim)
         path = path.reshape(P, n, *shape)
@@ -429,6 +433,20 @@ def nao_path(
 
 
 def nao_centroid(seeds: torch.Tensor, n: int = 16, config: NaoConfig = NaoConfig()) -> NaoCentroids:
+    """NAO centroid of one set of seeds (K, C, h, w), or of a batch of sets (S, K, C, h, w).
+
+    For one set the result's fields lack the leading S dimension: centroid (C, h, w), paths
+    (K, n, C, h, w), t (K, n), loss and iters 0-dim. See `nao_centroids` for the batched form.
+    """
+    if seeds.ndim == 4:
+        r = nao_centroids(seeds.unsqueeze(0), n=n, config=config)
+        return NaoCentroids(r.centroid[0], r.paths[0], r.t[0], r.loss[0], r.iters[0])
+    return nao_centroids(seeds, n=n, config=config)
+
+
+def nao_centroids(
+    seeds: torch.Tensor, n: int = 16, config: NaoConfig = NaoConfig()
+) -> NaoCentroids:
     """NAO centroids of a batch of seed sets: seeds (S, K, C, h, w) float32 -> NaoCentroids.
 
     Minimises, per set, the sum over its K seeds of J(path from the seed to c) - log chi(|c|), over
@@ -436,7 +454,7 @@ def nao_centroid(seeds: torch.Tensor, n: int = 16, config: NaoConfig = NaoConfig
     start is the mean of the seeds rescaled to their mean norm, with slerp directions (see _start) to
     it. A set of identical seeds has that seed as its centroid.
     """
-    if seeds.ndim < 3:
+    if seeds.ndim != 5:
         raise ValueError(f"seeds must be (S, K, C, h, w); got {tuple(seeds.shape)}")
     if n < 3:
         raise ValueError(f"centroid paths need n >= 3 points, got {n}")
@@ -450,7 +468,7 @@ def nao_centroid(seeds: torch.Tensor, n: int = 16, config: NaoConfig = NaoConfig
         mean = ys.mean(1)  # (S, K)
         mean_norm = mean.norm(dim=-1, keepdim=True)
         tiny = mean_norm < 1e-6 * ys.norm(dim=-1).amax(-1, keepdim=True).clamp_min(1e-30)
-        ramp = torch.arange(1, K + 1, dtype=ys.dtype).view(1, K, 1)
+        ramp = torch.arange(1, K + 1, dtype=ys.dtype, device=ys.device).view(1, K, 1)
         fallback = (ys * ramp).mean(1)  # a deterministic direction when the seeds cancel out
         mean = torch.where(tiny, fallback, mean)
         c0 = (
@@ -548,12 +566,12 @@ def nao_path_reference(
     fa, fb = a.reshape(1, dim).float(), b.reshape(1, dim).float()
     eps = eps_factor * (fa - fb).norm(dim=-1) / n  # (1,)
     # 1. start: points evenly on the chord, plus a little noise
-    t = torch.linspace(0.0, 1.0, n).view(n, 1)
+    t = torch.linspace(0.0, 1.0, n, device=a.device).view(n, 1)
     start = (1 - t) * fa + t * fb  # (n, dim)
-    noise = torch.rand(start.shape, generator=generator) / 100
+    noise = torch.rand(start.shape, generator=generator, device=a.device) / 100
     x = torch.nn.Parameter((start + noise)[1:-1].clone())  # (n-2, dim)
     optimiser = torch.optim.Adam([x], lr=lr)
-    stopper = _Stopper(stop, 1)
+    stopper = _Stopper(stop, 1, a.device)
     iters = 0
     for _ in range(stop.max_iters):
         # 2. objective of the whole path, endpoints fixed

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.seed_space import lerp, nao_centroid, nao_path, point_at, slerp
+from pipeline.seed_space import lerp, nao_centroids, nao_path, point_at, slerp
 
 METHODS = ("lerp", "slerp", "nao")
 MARGIN = 0.1  # walk positions stay in [MARGIN, 1 - MARGIN]: no new seed next to a source
@@ -267,7 +267,7 @@ def _centroid_walks(x, keys, count, rng) -> list[WalkSeed]:
     for size in sorted({len(s) for s in subsets}, reverse=True):
         idx = [i for i, s in enumerate(subsets) if len(s) == size]
         sets = torch.stack([x[list(subsets[i])] for i in idx])  # (S, k, C, h, w)
-        res = nao_centroid(sets, n=CENTROID_PATH_POINTS)
+        res = nao_centroids(sets, n=CENTROID_PATH_POINTS)
         for r, i in enumerate(idx):
             results[i] = (res.centroid[r], res.paths[r], res.t[r])
     # 4. the seeds, in slot order

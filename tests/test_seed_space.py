@@ -14,6 +14,7 @@ from pipeline.seed_space import (
     chi_log_prob,
     lerp,
     nao_centroid,
+    nao_centroids,
     nao_path,
     nao_path_reference,
     path_loss,
@@ -202,3 +203,13 @@ def test_point_at_returns_path_points_and_stays_on_the_shell_between_them():
     between = point_at(path, positions, 0.5 * (positions[1:] + positions[:-1]))
     expected = 0.5 * (norms(path[1:]) + norms(path[:-1]))
     assert torch.allclose(norms(between), expected, rtol=1e-5)
+
+
+def test_one_set_and_a_batch_of_sets_agree():
+    sets = gaussian(6, 29).view(2, 3, *SHAPE)
+    batch = nao_centroids(sets, n=8)
+    one = nao_centroid(sets[1], n=8)
+    assert one.centroid.shape == SHAPE and one.paths.shape == (3, 8, *SHAPE)
+    assert torch.allclose(one.centroid, batch.centroid[1], atol=1e-4)
+    with pytest.raises(ValueError):
+        nao_centroids(sets[0], n=8)
