@@ -236,13 +236,12 @@ def _slot_order(subsets, count, rng) -> list[tuple[int, int]]:
     over and over (a leg visited again gets a further position on it).
     """
 
-    def sequence(size):
-        legs = rng.permutation(size).tolist()
+    def sequence(legs: list[int]):
         yield -1
         while True:
             yield from legs
 
-    streams = [sequence(len(s)) for s in subsets]
+    streams = [sequence(rng.permutation(len(s)).tolist()) for s in subsets]
     slots = []
     while len(slots) < count:
         for s, stream in enumerate(streams):
