@@ -14,10 +14,12 @@ path discretised into n points x_0 = a, ..., x_{n-1} = b, with L(x) = -log chi_d
 over the interior points. A chi density is below 1 everywhere, so L > 0 and the first term is a
 path length weighted by how unlikely each norm is: it is the norm prior and the length/smoothness
 term at once. The published code evaluates L at segment midpoints only; with endpoints inside the
-shell (inverted seeds) that rule is exploited: points pile up on the endpoints and one long segment
-jumps to the shell, its midpoint scored as typical. Simpson's rule of the same integral scores both
-ends of every segment and removes the exploit. Centroids add the paths from every seed to a free
-centroid c and the term L(c).
+shell (inverted seeds) the optimiser exploits that rule: the first and last interior points jump
+far outside the shell (~1.45 sqrt(dim)) so that the midpoints of the long first and last segments
+land on it and score as typical, and the path's norms are never looked at where they are atypical.
+Simpson's rule of the same integral also scores both ends of every segment, which removes the
+exploit (`quadrature="midpoint"` keeps the published rule for the benchmark). Centroids add the
+paths from every seed to a free centroid c and the term L(c).
 
 Why the batched solver is cheap: J depends on the points only through norms and distances. Folding
 a path into the half-plane of span(a, b) (keep each point's component along a and its norm) keeps
@@ -120,20 +122,32 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, dot_threshold: floa
 # --------------------------------------------------------------------------------------------
 
 
+QUADRATURES = ("simpson", "midpoint")
+
+
 def path_loss(
-    path: torch.Tensor, dim: int, eps: torch.Tensor, penalty_weight: float = 1.0
+    path: torch.Tensor,
+    dim: int,
+    eps: torch.Tensor,
+    penalty_weight: float = 1.0,
+    quadrature: str = "simpson",
 ) -> torch.Tensor:
     """NAO's objective J for paths (P, n, k) with endpoints included; lower is better -> (P,).
 
     `path` may hold the points in R^dim (k = dim) or in coordinates of an isometric subspace
     (k = 2 for pairs); `dim` is the dimension of the seed space that the prior lives in. `eps` (P,)
-    is the longest segment that goes unpenalised.
+    is the longest segment that goes unpenalised. `quadrature` "midpoint" is the published rule,
+    kept to show why tailseed does not use it (see the module docstring).
     """
+    if quadrature not in QUADRATURES:
+        raise ValueError(f"quadrature: unknown {quadrature!r}; use one of {QUADRATURES}")
     seg = (path[:, 1:] - path[:, :-1]).norm(dim=-1)  # (P, n-1) segment lengths
-    log_pts = chi_log_prob(path.norm(dim=-1), dim)  # (P, n) at the points
     log_mid = chi_log_prob((0.5 * (path[:, 1:] + path[:, :-1])).norm(dim=-1), dim)  # (P, n-1)
-    # Simpson's rule on each segment: (ends + 4 * middle) / 6
-    log_seg = (log_pts[:, :-1] + 4.0 * log_mid + log_pts[:, 1:]) / 6.0
+    if quadrature == "simpson":  # (ends + 4 * middle) / 6 on each segment
+        log_pts = chi_log_prob(path.norm(dim=-1), dim)  # (P, n) at the points
+        log_seg = (log_pts[:, :-1] + 4.0 * log_mid + log_pts[:, 1:]) / 6.0
+    else:
+        log_seg = log_mid
     integral = (seg * log_seg).sum(-1)  # line integral of log chi: (P,)
     penalty = torch.relu(seg - eps.unsqueeze(-1)).sum(-1)
     return -integral + penalty_weight * penalty
@@ -188,6 +202,7 @@ class NaoConfig:
     lr: float = 0.01  # Adam step in log-radius and direction units (dimensionless)
     lr_half_life: int = 150  # iterations over which the step halves: Adam alone never settles
     lr_final: float = 1e-4  # ... down to this floor (a relative radius error of ~1e-4)
+    quadrature: str = "simpson"  # of the line integral; "midpoint" is the published rule
     stop: StopRule = StopRule()
 
 
@@ -274,7 +289,7 @@ def _unpolar(rho: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def _start(
-    a: torch.Tensor, b: torch.Tensor, n: int, dim: int, eps: torch.Tensor, penalty_weight: float
+    a: torch.Tensor, b: torch.Tensor, n: int, dim: int, eps: torch.Tensor, config: NaoConfig
 ) -> torch.Tensor:
     """Start of the batched solver: a, b (B, k) -> interior points (B, n-2, k), no randomness.
 
@@ -296,7 +311,7 @@ def _start(
     losses = []
     for inner in (interpolated, shell):
         full = torch.cat([a.unsqueeze(1), inner, b.unsqueeze(1)], dim=1)
-        losses.append(path_loss(full, dim, eps, penalty_weight))
+        losses.append(path_loss(full, dim, eps, config.penalty_weight, config.quadrature))
     use_shell = (losses[1] < losses[0]).view(-1, 1, 1)
     return torch.where(use_shell, shell, interpolated)
 
@@ -406,12 +421,12 @@ def nao_path(
         ya, yb = coords[:, 0], coords[:, 1]  # (P, 2)
         eps = config.eps_factor * (ya - yb).norm(dim=-1) / n  # (P,)
         # 2. start along the slerp directions (see _start), in polar form
-        rho, v = _polar(_start(ya, yb, n, dim, eps, config.penalty_weight), scale)
+        rho, v = _polar(_start(ya, yb, n, dim, eps, config), scale)
 
     def loss_fn(params):
         inner = _unpolar(params[0], params[1], scale)  # (P, n-2, 2)
         full = torch.cat([ya.unsqueeze(1), inner, yb.unsqueeze(1)], dim=1)
-        return path_loss(full, dim, eps, config.penalty_weight)
+        return path_loss(full, dim, eps, config.penalty_weight, config.quadrature)
 
     # 3. optimise the interior points; a pair of equal seeds is solved by its start (all points at
     # the seed), where Adam would only circle the kink of zero-length segments
@@ -479,14 +494,7 @@ def nao_centroids(
         pair_dist = (ys.unsqueeze(1) - ys.unsqueeze(2)).norm(dim=-1).amax((1, 2))  # (S,)
         eps = config.eps_factor * pair_dist.clamp_min(1e-12) / n
         eps_legs = eps.repeat_interleave(K)  # (S * K,)
-        start = _start(
-            ys.reshape(S * K, K),
-            c0.repeat_interleave(K, 0),
-            n,
-            dim,
-            eps_legs,
-            config.penalty_weight,
-        )
+        start = _start(ys.reshape(S * K, K), c0.repeat_interleave(K, 0), n, dim, eps_legs, config)
         rho, v = _polar(start, scale)  # (S*K, n-2), (S*K, n-2, K)
         c_rho, c_v = _polar(c0, scale)
 
@@ -496,7 +504,11 @@ def nao_centroids(
         full = torch.cat(
             [ys.reshape(S * K, 1, K), inner, c.repeat_interleave(K, 0).unsqueeze(1)], dim=1
         )
-        legs = path_loss(full, dim, eps_legs, config.penalty_weight).view(S, K).sum(-1)
+        legs = (
+            path_loss(full, dim, eps_legs, config.penalty_weight, config.quadrature)
+            .view(S, K)
+            .sum(-1)
+        )
         return legs - chi_log_prob(c.norm(dim=-1), dim)
 
     # 3. optimise the centroids and the interior points of all paths; the problem is the set, so
@@ -555,12 +567,13 @@ def nao_path_reference(
     eps_factor: float = 2.0,
     lr: float = 0.01,
     generator: torch.Generator | None = None,
+    quadrature: str = "simpson",
 ) -> tuple[torch.Tensor, float, int]:
     """NAO for one pair as the public code does it: a, b (C, h, w) -> (path (n, C, h, w), J, iters).
 
     Every coordinate of the n - 2 interior points is a parameter in R^dim, started on the chord
     with uniform noise of 0.01 added (from `generator`), and moved by torch's Adam at a fixed lr
-    until `stop`. The objective is `path_loss`, the same as the batched solver's.
+    until `stop`. The objective is `path_loss` with `quadrature`, the same as the batched solver's.
     """
     shape, dim = a.shape, a.numel()
     fa, fb = a.reshape(1, dim).float(), b.reshape(1, dim).float()
@@ -576,7 +589,7 @@ def nao_path_reference(
     for _ in range(stop.max_iters):
         # 2. objective of the whole path, endpoints fixed
         optimiser.zero_grad()
-        loss = path_loss(torch.cat([fa, x, fb]).unsqueeze(0), dim, eps, penalty_weight)
+        loss = path_loss(torch.cat([fa, x, fb]).unsqueeze(0), dim, eps, penalty_weight, quadrature)
         # 3. stop rule on the loss before the step, then one Adam step
         stopper.update(loss)
         iters = int(stopper.iters[0])
@@ -586,7 +599,7 @@ def nao_path_reference(
         optimiser.step()
     with torch.no_grad():
         full = torch.cat([fa, x.detach(), fb])
-        final = float(path_loss(full.unsqueeze(0), dim, eps, penalty_weight)[0])
+        final = float(path_loss(full.unsqueeze(0), dim, eps, penalty_weight, quadrature)[0])
     path = torch.cat(
         [a.unsqueeze(0).float(), x.detach().view(n - 2, *shape), b.unsqueeze(0).float()]
     )

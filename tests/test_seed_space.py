@@ -213,3 +213,14 @@ def test_one_set_and_a_batch_of_sets_agree():
     assert torch.allclose(one.centroid, batch.centroid[1], atol=1e-4)
     with pytest.raises(ValueError):
         nao_centroids(sets[0], n=8)
+
+
+def test_simpson_rule_removes_the_published_midpoint_exploit_off_shell():
+    a, b = 0.55 * gaussian(2, 30), 0.55 * gaussian(2, 31)  # like DDIM-inverted seeds
+    high = chi_band(DIM, mass=0.99)[1]
+    simpson = nao_path(a, b, n=16)
+    midpoint_config = NaoConfig(quadrature="midpoint", stop=StopRule(max_iters=2000))
+    midpoint = nao_path(a, b, n=16, config=midpoint_config)
+    assert float(norms(simpson.path).max()) <= high
+    # the published rule scores only segment midpoints: points next to the ends overshoot the shell
+    assert float(norms(midpoint.path).max()) > 1.2 * high
