@@ -180,6 +180,7 @@ def invert_all(pipe, card, images, names) -> dict[str, dict]:
         out[method] = {
             "seeds": seeds,
             "config": config,
+            "prompt_template": template,
             "stats": {
                 "norm_ratio_mean": float(r.mean()),
                 "norm_ratio_std": float(r.std()),
@@ -205,57 +206,80 @@ def class_pairs(names: list[str]) -> tuple[list[int], list[int]]:
     return first, second
 
 
-def walk_picture(pipe, card, inverted, images, names, n, config, path: Path) -> dict:
-    """Images along lerp, slerp and NAO walks between two real images of WALK_CLASS."""
+def most_different_pair(seeds: torch.Tensor, names: list[str], cls: str) -> tuple[int, int]:
+    """Indices of the two images of class `cls` whose seeds have the largest angle between them."""
+    idx = [i for i, c in enumerate(names) if c == cls]
+    flat = torch.nn.functional.normalize(seeds[idx].flatten(1), dim=1)
+    cos = flat @ flat.T + 2 * torch.eye(len(idx))  # the diagonal never wins
+    k = int(cos.argmin())
+    return idx[k // len(idx)], idx[k % len(idx)]
+
+
+def walk_picture(pipe, inverted, images, names, n, config, path: Path) -> dict:
+    """Images along lerp, slerp and NAO walks between two real images of each tail class.
+
+    Seeds by Anderson fixed-point inversion; the pair of each class is the one whose seeds are the
+    furthest apart in angle, so that the walk has somewhere to go. Generated with the inversion's
+    prompt, guidance and steps, so t = 0 and t = 1 regenerate the real images.
+    """
     import matplotlib.pyplot as plt
 
-    idx = [i for i, c in enumerate(names) if c == WALK_CLASS][:2]
     entry = inverted["anderson"]
-    seeds = entry["seeds"][idx]  # (2, C, h, w)
-    a, b = seeds[:1], seeds[1:]
-    t = torch.linspace(0.0, 1.0, WALK_POSITIONS)
-    nao = nao_path(a, b, n=n, config=config)
-    rows = {
-        "lerp": lerp(a, b, t)[0],
-        "slerp": slerp(a, b, t)[0],
-        "NAO": point_at(nao.path[0], nao.t[0], t),
-    }
     inverter = inv.Inverter(pipe, entry["config"])
-    prompt = card["prompt_template"].format(WALK_CLASS)
-    fig, axes = plt.subplots(4, WALK_POSITIONS, figsize=(1.5 * WALK_POSITIONS, 6.6))
-    for col in range(WALK_POSITIONS):
-        axes[0, col].axis("off")
-    axes[0, 0].imshow(images[idx[0]])
-    axes[0, 0].set_title("real A", fontsize=8)
-    axes[0, -1].imshow(images[idx[1]])
-    axes[0, -1].set_title("real B", fontsize=8)
-    mids = {}
-    for r, (name, points) in enumerate(rows.items(), start=1):
-        generated = inverter.generate(
-            points.numpy(),
-            [prompt] * WALK_POSITIONS,
-            entry["config"].guidance_scale,
-            entry["config"].num_inference_steps,
-        )
-        norm = ratios(points.unsqueeze(0))[0]
-        mids[name] = float(norm[WALK_POSITIONS // 2])
+    classes = [c for c in CLASS_NAMES if c in names]
+    t = torch.linspace(0.0, 1.0, WALK_POSITIONS)
+    fig, axes = plt.subplots(
+        4 * len(classes), WALK_POSITIONS, figsize=(1.45 * WALK_POSITIONS, 6.4 * len(classes))
+    )
+    summary = {}
+    for c, cls in enumerate(classes):
+        # 1. the pair and its three walks at the same positions
+        i, j = most_different_pair(entry["seeds"], names, cls)
+        a, b = entry["seeds"][i : i + 1], entry["seeds"][j : j + 1]
+        nao = nao_path(a, b, n=n, config=config)
+        rows = {
+            "lerp": lerp(a, b, t)[0],
+            "slerp": slerp(a, b, t)[0],
+            "NAO": point_at(nao.path[0], nao.t[0], t),
+        }
+        # 2. the real images at the ends of the first row of the block
+        top = 4 * c
         for col in range(WALK_POSITIONS):
-            ax = axes[r, col]
-            ax.imshow(generated[col])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"t={float(t[col]):.2f} |z|={float(norm[col]):.2f}", fontsize=7)
-        axes[r, 0].set_ylabel(name, fontsize=10)
+            axes[top, col].axis("off")
+        for col, k, label in ((0, i, "real A"), (-1, j, "real B")):
+            axes[top, col].imshow(images[k])
+            axes[top, col].set_title(f"{label} ({cls})", fontsize=8)
+        # 3. a generated row per walk
+        prompt = entry["prompt_template"].format(cls)
+        mids = {}
+        for r, (name, points) in enumerate(rows.items(), start=top + 1):
+            generated = inverter.generate(
+                points.numpy(),
+                [prompt] * WALK_POSITIONS,
+                entry["config"].guidance_scale,
+                entry["config"].num_inference_steps,
+            )
+            norm = ratios(points.unsqueeze(0))[0]
+            mids[name] = float(norm[WALK_POSITIONS // 2])
+            for col in range(WALK_POSITIONS):
+                ax = axes[r, col]
+                ax.imshow(generated[col])
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(f"t={float(t[col]):.2f} |z|={float(norm[col]):.2f}", fontsize=7)
+            axes[r, 0].set_ylabel(name, fontsize=10)
+        cos = float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1))[0])
+        summary[cls] = {"middle_ratio": mids, "cosine": cos}
     fig.suptitle(
-        f"Generated along walks between two inverted '{WALK_CLASS}' seeds (Anderson FPI); "
-        f"|z| as a fraction of sqrt(dim)",
+        "Generated along walks between two inverted seeds (Anderson FPI) of each tail class; "
+        "|z| as a fraction of sqrt(dim)",
         fontsize=9,
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return {"class": WALK_CLASS, "middle_ratio": mids, "positions": t.tolist()}
+    return {"classes": summary, "positions": t.tolist()}
 
 
 def quadrature_check(a: torch.Tensor, b: torch.Tensor, n: int, config: NaoConfig) -> dict:
@@ -389,13 +413,20 @@ def markdown(report: dict) -> str:
             )
     wp = report.get("walk_picture")
     if wp:
-        lines += [
-            "",
-            f"Walk picture (docs/seed_walks.png): class {wp['class']}, middle norm ratio "
-            + ", ".join(f"{k} {v:.3f}" for k, v in wp["middle_ratio"].items())
-            + ".",
-        ]
-    lines += ["", "Plots: docs/seed_norms.png, docs/seed_walks.png.", ""]
+        lines += ["", "Walk picture (docs/seed_walks.png), norm ratio at the middle of each walk:"]
+        for cls, st in wp["classes"].items():
+            lines.append(
+                f"- {cls} (seed cosine {st['cosine']:.2f}): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in st["middle_ratio"].items())
+            )
+    lines += ["", "Plots: docs/seed_norms.png, docs/seed_walks.png."]
+    if "seconds" in report["meta"]:
+        lines.append(
+            "Wall time per part (s): "
+            + ", ".join(f"{k} {v}" for k, v in report["meta"]["seconds"].items())
+            + "."
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -421,16 +452,28 @@ def main(argv: list[str] | None = None) -> None:
             "nao_config": str(config),
         }
     }
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 1)
+        clock = now
+
     # 1. timing and the SD-size Gaussian profiles
     report["timing"], gauss_walk = timing(args.pairs, args.reference_sample, args.points, config)
     sd_dim = math.prod(SD_SHAPE)
     report["profiles"] = {"gaussian 4x64x64": profile_stats(gauss_walk, sd_dim, config)}
+    lap("timing and Gaussian profiles")
     # 2. inverted seeds of the embedded model
     pipe, info = load_pipeline(ModelSpec(path=args.model))
     card = info["card"]
     images, names, _ = tail_images(card)
     inverted = invert_all(pipe, card, images, names)
     report["inverted_norms"] = {m: e["stats"] for m, e in inverted.items()}
+    lap("inversion")
+    # 3. walks between inverted seeds of the same class, and the published rule on DDIM seeds
     first, second = class_pairs(names)
     panels = []
     for method, label in (("anderson", "fixed-point (Anderson)"), ("ddim", "DDIM")):
@@ -443,13 +486,16 @@ def main(argv: list[str] | None = None) -> None:
     panels.append(
         (f"Gaussian 4x64x64, {gauss_walk['nao']['path'].shape[0]} pairs", gauss_walk, sd_dim)
     )
+    plot_norms(panels, docs / "seed_norms.png")
     ddim = inverted["ddim"]["seeds"]
     report["quadrature"] = quadrature_check(ddim[first], ddim[second], args.points, config)
-    plot_norms(panels, docs / "seed_norms.png")
-    # 3. the picture of generated walks
+    lap("inverted walks and quadrature check")
+    # 4. the picture of generated walks
     report["walk_picture"] = walk_picture(
-        pipe, card, inverted, images, names, args.points, config, docs / "seed_walks.png"
+        pipe, inverted, images, names, args.points, config, docs / "seed_walks.png"
     )
+    lap("walk picture")
+    report["meta"]["seconds"] = seconds
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps(report, indent=2))
     (out / "seeds.md").write_text(markdown(report))
