@@ -64,15 +64,10 @@ def chi_log_prob(r: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def chi_band(dim: int, mass: float = 0.99) -> tuple[float, float]:
-    """The central interval of the chi_dim distribution holding `mass` of it: (low, high) norms.
+    """The central interval of the chi_dim distribution holding `mass` of it: (low, high) norms."""
+    from scipy.stats import chi  # scipy comes with scikit-learn
 
-    Uses the normal approximation |z| ~ N(sqrt(dim - 1/2), 1/2), accurate to <1e-3 for dim >= 64.
-    """
-    from statistics import NormalDist
-
-    half = NormalDist().inv_cdf(0.5 + 0.5 * mass) * math.sqrt(0.5)
-    centre = math.sqrt(dim - 0.5)
-    return centre - half, centre + half
+    return float(chi.ppf(0.5 - 0.5 * mass, dim)), float(chi.ppf(0.5 + 0.5 * mass, dim))
 
 
 # --------------------------------------------------------------------------------------------
