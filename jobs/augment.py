@@ -148,7 +148,9 @@ def estimate_nfe(plan: Plan) -> dict:
     cfg_mult = 1 if solver.guidance_scale == 1 else 2
     per_step = 1 if solver.method == "ddim" else solver.max_iters
     adjust = int(round(solver.adjust_strength * 50)) * (1 if solver.adjust_guidance == 1 else 2)
-    sources = sum(len(p.source_keys) for p in plan.plans)
+    sources = (
+        0 if plan.config.walk.method == "prompt" else sum(len(p.source_keys) for p in plan.plans)
+    )
     invert = sources * (solver.num_inference_steps * per_step * cfg_mult + adjust)
     gen = plan.config.generate
     generated = sum(p.to_generate for p in plan.plans)
@@ -254,6 +256,9 @@ def make_runner(config: AugmentConfig, address: str | None):
 def run_inversion(plan: Plan, runner, out: Path, timings: dict, nodes: set) -> dict[int, dict]:
     """Seeds for every planned class: reused from seeds/ when there, else inverted on actors."""
     cfg = plan.config
+    if cfg.walk.method == "prompt":
+        log("invert: skipped, walk.method is prompt (fresh Gaussian seeds)")
+        return {p.class_index: [] for p in plan.plans}
     tables, todo = {}, []
     for p in plan.plans:
         path = seeds_path(out, p.class_index)
@@ -346,7 +351,8 @@ def run_walks(plan: Plan, seeds: dict[int, list[dict]], out: Path) -> dict[int, 
         keys = [r["key"] for r in rows]
         stacked = np.stack([r["seed"] for r in rows]) if rows else np.zeros((0,))
         new = make_walks(
-            p.class_index, p.class_name, stacked, keys, p.to_generate, cfg.walk, plan.config_hash
+            p.class_index, p.class_name, stacked, keys, p.to_generate, cfg.walk, plan.config_hash,
+            plan.model["latent_shape"],
         )
         table = [
             {

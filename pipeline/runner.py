@@ -92,15 +92,20 @@ class _UnitAdapter:
     """Runs one stage on whole units inside a Ray actor (or in-process)."""
 
     def __init__(self, stage_cls: type, stage_kwargs: dict, threads: int):
+        self.threads = threads
+        self._set_threads()
+        self.stage = stage_cls(**stage_kwargs)
+        self.node_id = _node_id()
+
+    def _set_threads(self) -> None:
+        """A fractional CPU reservation is bookkeeping only: bound torch's threads to it. Set per
+        call, since in-process stages share one torch."""
         try:
             import torch
 
-            # A fractional CPU reservation is bookkeeping only: bound torch's threads to it.
-            torch.set_num_threads(threads)
+            torch.set_num_threads(self.threads)
         except ImportError:
             pass
-        self.stage = stage_cls(**stage_kwargs)
-        self.node_id = _node_id()
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out_units, out_payloads, seconds, nodes = [], [], [], []
@@ -143,10 +148,13 @@ class UnitResult:
 
 
 class LocalRunner:
-    """Runs stages in this process, unit by unit: the same code path as Ray, minus Ray."""
+    """Runs stages in this process, unit by unit: the same code path as Ray, minus Ray.
 
-    def __init__(self, threads: int | None = None):
-        self.threads = threads or os.cpu_count() or 1
+    Each stage gets the torch threads that its resources give it on Ray, so that both runners
+    compute the same floating-point results.
+    """
+
+    def __init__(self):
         self._cache: dict[tuple, _UnitAdapter] = {}
 
     def node_ids(self) -> list[str]:
@@ -159,7 +167,9 @@ class LocalRunner:
         for stage in stages:
             key = (stage.cls, repr(sorted(stage.kwargs.items())))
             if key not in self._cache:
-                self._cache[key] = _UnitAdapter(stage.cls, stage.kwargs, self.threads)
+                self._cache[key] = _UnitAdapter(
+                    stage.cls, stage.kwargs, _threads_for(stage.resources.num_cpus)
+                )
             adapters.append(self._cache[key])
         for unit in sorted(units):
             rows = {
@@ -189,7 +199,9 @@ class RayRunner:
         import ray
 
         self.log = log
-        self.owns_ray = not ray.is_initialized()  # a Ray started here is stopped here, not a caller's
+        self.owns_ray = (
+            not ray.is_initialized()
+        )  # a Ray started here is stopped here, not a caller's
         if self.owns_ray:
             if address:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)

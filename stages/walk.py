@@ -5,17 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from pipeline.config import stable_hash
 from pipeline.errors import UserError
 from pipeline.walks import sample_walks
 
-METHODS = ("nao", "slerp", "lerp")
+METHODS = ("nao", "slerp", "lerp", "prompt")
 
 
 @dataclass(frozen=True)
 class WalkConfig:
-    method: str = "nao"  # nao (norm-aware paths and centroids) | slerp | lerp
+    # nao (norm-aware paths and centroids) | slerp | lerp | prompt (fresh Gaussian seeds, no
+    # inversion: the plain text-to-image baseline, written the same way)
+    method: str = "nao"
     seed: int = 0  # which pairs and positions are drawn; same seed, same walks
 
     def validate(self, where: str) -> None:
@@ -33,6 +36,16 @@ def walk_key(
     return f"c{class_index:04d}_w{position:05d}_{digest}"
 
 
+def gaussian_seeds(class_index: int, count: int, shape: list[int], seed: int) -> np.ndarray:
+    """(count, *shape) float32 standard normal seeds, each from its own generator, so a seed
+    depends only on (class, position, seed) and not on how many others are drawn."""
+    out = np.empty((count, *shape), dtype=np.float32)
+    for position in range(count):
+        gen = torch.Generator().manual_seed(int(stable_hash([class_index, position, seed], 8), 16))
+        out[position] = torch.randn(shape, generator=gen).numpy()
+    return out
+
+
 def make_walks(
     class_index: int,
     class_name: str,
@@ -41,10 +54,23 @@ def make_walks(
     count: int,
     config: WalkConfig,
     config_hash: str,
+    latent_shape: list[int] | None = None,
 ) -> list[dict]:
     """`count` new seeds for one class as rows: key, seed (C,h,w) float32, sources, weights, method."""
     if count == 0:
         return []
+    if config.method == "prompt":
+        fresh = gaussian_seeds(class_index, count, list(latent_shape), config.seed)
+        return [
+            {
+                "key": walk_key(class_index, i, [], [], "prompt", config_hash),
+                "seed": fresh[i],
+                "sources": [],
+                "weights": [],
+                "method": "prompt",
+            }
+            for i in range(count)
+        ]
     if len(keys) < 2:
         raise UserError(
             f"class {class_name!r}: {len(keys)} usable seed(s) ({', '.join(keys)}); at least 2 are needed"

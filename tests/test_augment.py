@@ -199,3 +199,14 @@ def test_index_json_is_read_by_wids(first_run):
     assert len(ds) == 12
     sample = ds[5]
     assert sample[".cls"] is not None and sample["__key__"]
+
+
+def test_prompt_method_generates_from_fresh_seeds_without_inversion(tmp_path, tiny_model_dir, small_dataset):
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "out", walk__method="prompt")
+    report = run(load_config(config))
+    assert report["counts"]["samples"] == 12
+    assert not (tmp_path / "out" / "seeds").exists()
+    walks = pq.read_table(tmp_path / "out" / "walks" / "class_0001.parquet").to_pylist()
+    assert {w["method"] for w in walks} == {"prompt"} and all(w["sources"] == [] for w in walks)
+    norms = [np.linalg.norm(w["seed"]) / np.sqrt(len(w["seed"])) for w in walks]
+    assert 0.7 < np.mean(norms) < 1.3  # standard normal seeds

@@ -31,7 +31,8 @@ def png_bytes(mode: str = "RGB", size=(20, 20), value=128, fmt="PNG") -> bytes:
 
 
 @pytest.mark.parametrize(
-    "mode,fmt", [("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("LA", "PNG"), ("P", "PNG")]
+    "mode,fmt",
+    [("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("LA", "PNG"), ("P", "PNG")],
 )
 def test_modes_are_converted_to_rgb(mode, fmt):
     image = decode_image(png_bytes(mode, fmt=fmt), size=16)
@@ -53,7 +54,11 @@ def test_sizes_far_from_the_model_are_cropped_and_resized():
 
 @pytest.mark.parametrize(
     "payload,reason",
-    [(b"", "empty_file"), (b"hello, not an image", "not_an_image"), (png_bytes()[:40], "corrupt_image")],
+    [
+        (b"", "empty_file"),
+        (b"hello, not an image", "not_an_image"),
+        (png_bytes()[:40], "corrupt_image"),
+    ],
 )
 def test_bad_bytes_are_skipped_with_a_reason(payload, reason):
     with pytest.raises(SkipSample) as info:
@@ -99,7 +104,9 @@ def test_imagefolder_listing_counts_and_skips(messy_folder):
 
 def test_select_skips_bad_sources_and_reports_empty_classes(messy_folder):
     listing = scan(ScanConfig(path=str(messy_folder)))
-    plans, left_out = select(listing, SelectConfig(rare_below=20, quota=10, max_sources=10), image_size=16)
+    plans, left_out = select(
+        listing, SelectConfig(rare_below=20, quota=10, max_sources=10), image_size=16
+    )
     by_name = {p.class_name: p for p in plans}
     spotted = by_name["dog  spotted"]
     assert spotted.skipped == {"empty_file": 1, "corrupt_image": 1}
@@ -133,9 +140,14 @@ def test_tar_dataset_never_unpickles(tmp_path):
             return (open, (str(sentinel), "w"))
 
     members = {
-        "a.png": png_bytes(), "a.cls": b"3",
-        "b.png": png_bytes(), "b.json": json.dumps({"label": 3}).encode(),
-        "c.png": png_bytes(), "c.pyd": pickle.dumps(Boom()), "c.pth": pickle.dumps(Boom()), "c.cls": b"5",
+        "a.png": png_bytes(),
+        "a.cls": b"3",
+        "b.png": png_bytes(),
+        "b.json": json.dumps({"label": 3}).encode(),
+        "c.png": png_bytes(),
+        "c.pyd": pickle.dumps(Boom()),
+        "c.pth": pickle.dumps(Boom()),
+        "c.cls": b"5",
         "d.png": png_bytes(),  # no label
         "e.cls": b"1",  # no image
     }

@@ -20,7 +20,14 @@ def samples(n: int) -> list[dict]:
     for i in range(n):
         image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
         meta = json.dumps({"class_name": "a b.c/ü", "i": i})
-        out.append({"__key__": f"c0001_w{i:05d}_abc", "png": encode_png(image), "cls": b"1", "json": meta.encode()})
+        out.append(
+            {
+                "__key__": f"c0001_w{i:05d}_abc",
+                "png": encode_png(image),
+                "cls": b"1",
+                "json": meta.encode(),
+            }
+        )
     return out
 
 
@@ -40,9 +47,17 @@ def test_write_then_read_with_tarfile_and_webdataset(tmp_path):
     assert shard_done(tmp_path, 0) and read_stats(tmp_path, 0)["samples"] == 4
     with tarfile.open(tmp_path / "00000.tar") as tar:
         members = tar.getmembers()
-    assert [m.name for m in members[:3]] == ["c0001_w00000_abc.png", "c0001_w00000_abc.cls", "c0001_w00000_abc.json"]
+    assert [m.name for m in members[:3]] == [
+        "c0001_w00000_abc.png",
+        "c0001_w00000_abc.cls",
+        "c0001_w00000_abc.json",
+    ]
     assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in members)
-    ds = wds.WebDataset(str(tmp_path / "00000.tar"), shardshuffle=False).decode("pil").to_tuple("png", "cls", "json")
+    ds = (
+        wds.WebDataset(str(tmp_path / "00000.tar"), shardshuffle=False)
+        .decode("pil")
+        .to_tuple("png", "cls", "json")
+    )
     rows = list(ds)
     assert len(rows) == 4
     image, cls, meta = rows[2]
@@ -52,8 +67,11 @@ def test_write_then_read_with_tarfile_and_webdataset(tmp_path):
 
 
 def test_pack_roundtrip_keeps_bytes_and_strings():
-    batch = {"key": np.asarray(["a", "b"]), "png": np.asarray([b"\x00x\x00", b""], dtype=object),
-             "seed": np.ones((2, 4, 2, 2), np.float32)}
+    batch = {
+        "key": np.asarray(["a", "b"]),
+        "png": np.asarray([b"\x00x\x00", b""], dtype=object),
+        "seed": np.ones((2, 4, 2, 2), np.float32),
+    }
     out = unpack(pack(batch))
     assert list(out["key"]) == ["a", "b"] and list(out["png"]) == [b"\x00x\x00", b""]
     assert np.array_equal(out["seed"], batch["seed"])
