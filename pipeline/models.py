@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,14 +118,21 @@ def load_pipeline(spec: ModelSpec):
         source = str(folder)
     else:
         source = spec.path
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source,
-            revision=spec.revision,
-            torch_dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        with warnings.catch_warnings():
+            # newer diffusers renames torch_dtype to dtype; older ones only know torch_dtype
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                source,
+                revision=spec.revision,
+                torch_dtype=dtype,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
