@@ -11,7 +11,7 @@ Evidence for issue 4, on this machine:
 4. Images generated along lerp, slerp and NAO paths between two real images of a tail class.
 
 Writes out/bench/seeds.json, out/bench/seeds.md, docs/seed_norms.png and docs/seed_walks.png.
-    python -m jobs.bench_seeds [--pairs 256] [--reference-sample 3] [--points 32] [--threads 2]
+    python -m jobs.bench_seeds [--pairs 256] [--reference-sample 3] [--points 32] [--threads 1]
                                [--model models/tiny-digits]
 """
 
@@ -21,6 +21,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import replace
@@ -352,7 +353,10 @@ def markdown(report: dict) -> str:
         "",
         f"`python -m jobs.bench_seeds` on {report['meta']['machine']}, torch threads "
         f"{report['meta']['threads']}, {tm['points_per_path']} points per path, stop rule "
-        f"{report['meta']['stop_rule']}.",
+        f"{report['meta']['stop_rule']}. Load average (1 min) at start "
+        f"{report['meta']['load_average_at_start']:.1f}, at end "
+        f"{report['meta'].get('load_average_at_end', float('nan')):.1f}: other jobs share the "
+        f"CPUs, so times are upper bounds.",
         "",
         f"## NAO timing: {tm['pairs']} pairs of 4x64x64 seeds",
         "",
@@ -435,7 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--reference-sample", type=int, default=3)
     parser.add_argument("--points", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    # one thread: the solver's tensors are small, and on a shared 2-core machine a second torch
+    # thread that waits for a busy core slowed the one-path reference loop ~20x in our runs
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default=str(EMBEDDED_MODEL))
     parser.add_argument("--out", default=str(REPO_ROOT / "out" / "bench"))
     parser.add_argument("--docs", default=str(REPO_ROOT / "docs"))
@@ -450,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "stop_rule": str(config.stop),
             "nao_config": str(config),
+            "load_average_at_start": os.getloadavg()[0],
         }
     }
     seconds: dict[str, float] = {}
@@ -496,6 +503,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     lap("walk picture")
     report["meta"]["seconds"] = seconds
+    report["meta"]["load_average_at_end"] = os.getloadavg()[0]
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps(report, indent=2))
     (out / "seeds.md").write_text(markdown(report))
