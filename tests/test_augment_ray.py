@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 from augment_helpers import shard_files, write_config
 
@@ -27,7 +25,8 @@ def test_ray_run_matches_in_process_and_reads_back(
     assert report["node_ids"] == [ray_session.get_runtime_context().get_node_id()]
     assert shard_files(tmp_path / "ray") == shard_files(tmp_path / "local")
 
-    ds = ray_session.data.read_webdataset(str(Path(tmp_path / "ray" / "shards")), decoder=None)
+    tars = sorted(str(p) for p in (tmp_path / "ray" / "shards").glob("*.tar"))
+    ds = ray_session.data.read_webdataset(tars, decoder=None)
     rows = ds.take_all()
     assert len(rows) == 12
     assert {
