@@ -10,7 +10,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup augment test bench eval tiny-model lint clean
+.PHONY: setup augment test bench eval tiny-model gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,9 @@ eval: $(STAMP)
 
 tiny-model: $(STAMP)
 	$(PY) -m jobs.train_tiny_model --out models/tiny-digits
+
+gpu-check: $(STAMP)
+	$(PY) -m jobs.gpu_check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline stages jobs tests
