@@ -75,8 +75,10 @@ def make_walks(
         raise UserError(
             f"class {class_name!r}: {len(keys)} usable seed(s) ({', '.join(keys)}); at least 2 are needed"
         )
+    # each class draws its own pairs and positions, from the config's seed and the class
+    class_seed = int(stable_hash([config.seed, class_index], 8), 16)
     walked = sample_walks(
-        seeds, keys, count, method=config.method, seed=config.seed, class_name=class_name
+        seeds, keys, count, method=config.method, seed=class_seed, class_name=class_name
     )
     rows = []
     for position, w in enumerate(walked):
