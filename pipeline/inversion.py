@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 METHODS = ("ddim", "fixed_point", "anderson")
+PREDICTORS = ("ddim", "previous", "extrapolate")
 # The prompt-aware adjustment is img2img on the grid of the img2img pipeline's default step count
 # (50), as in the paper's public code: strength 0.05 is then 2 denoising steps from t = 21.
 ADJUST_GRID_STEPS = 50
@@ -36,24 +37,32 @@ DIVERGED_RESIDUAL = 1e3
 class InversionConfig:
     """How to invert. Defaults are the ones the benchmark (`jobs/bench_inversion.py`) supports."""
 
-    method: str = (
-        "anderson"  # "ddim" | "fixed_point" | "anderson"; anderson reaches tol in fewest NFE
-    )
+    # "ddim" | "fixed_point" | "anderson"; Anderson reaches the tolerance in the fewest NFE
+    method: str = "anderson"
     num_inference_steps: int = 50  # the paper's DDIM steps; the CLI takes the model card's value
     guidance_scale: float = 2.0  # the paper's guidance for real images
-    max_iters: int = 8  # evaluations of f per step, the DDIM guess included; a cap, rarely reached
-    tol: float = 1e-3  # per-sample RMS residual |f(z) - z| at which a sample stops costing NFE
-    anderson_m: int = 3  # Anderson window: the last m residual differences
-    adjust_strength: float = (
-        0.05  # prompt-aware encoding adjustment (0 disables), the paper's value
-    )
+    max_iters: int = 10  # evaluations of f per step, the first included; hardest steps reach it
+    # Per-sample RMS residual |f(z) - z| at which a sample stops costing NFE. 1e-5 keeps PSNR at
+    # the 20-iteration reference's at about 3.5 NFE per step (sweep in out/bench/inversion.md).
+    tol: float = 1e-5
+    anderson_m: int = 3  # Anderson window: the last m residual differences (2 to 5 differ little)
+    adjust_strength: float = 0.05  # prompt-aware encoding adjustment (0 disables); the paper's
     adjust_guidance: float = 2.0  # the paper's img2img guidance for the adjustment
+    # First iterate of each step after the first: "ddim" (the DDIM guess, the paper's; costs one
+    # evaluation), or free guesses from the noise predicted at earlier steps: "previous" (the last
+    # step's), "extrapolate" (linear in the step from the last two), which saves about one
+    # evaluation per step. fixed_point_invert documents them.
+    predictor: str = "extrapolate"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method: unknown {self.method!r}; use one of {list(METHODS)}")
         if self.num_inference_steps < 1 or self.max_iters < 1 or self.anderson_m < 1:
             raise ValueError("num_inference_steps, max_iters and anderson_m must be >= 1")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(
+                f"predictor: unknown {self.predictor!r}; use one of {list(PREDICTORS)}"
+            )
         if self.tol < 0 or not 0 <= self.adjust_strength <= 1:
             raise ValueError("tol must be >= 0 and adjust_strength in [0, 1]")
 
@@ -282,57 +291,64 @@ def _anderson_next(xs: list[torch.Tensor], gs: list[torch.Tensor], m: int) -> to
 
 def _solve_step(
     f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    z_prev: torch.Tensor,
+    x0: torch.Tensor,
     idx: torch.Tensor,
+    from_guess: bool,
     max_iters: int,
     tol: float,
     method: str,
     anderson_m: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Solve z = f(z) for the rows `idx` of a batch; each sample stops once its residual <= tol.
+    """Solve x = f(x) for the batch rows `idx`; each sample stops once its residual is <= tol.
 
-    z_prev: (B, C, h, w), the fixed less noisy level; f(x, rows) maps iterates (n, C, h, w) of the
-    given batch rows to f(x). Returns, for the rows in idx: solution (n, C, h, w), residual (n,),
-    failed (n,) bool, evaluations of f (n,) int64.
+    x0: (n, C, h, w) first iterates of those rows; f(x, rows) maps iterates of the given batch rows
+    to f(x). from_guess: x0 is the less noisy latent z_s itself, so the first evaluation is the
+    DDIM guess and its distance to x0 is the step, not a residual (no stop, nothing reported).
+    Returns, per row: solution (n, C, h, w), residual (n,) (NaN if none was measured), failed (n,)
+    bool, evaluations of f (n,) int64.
     """
-    n, shape = len(idx), z_prev.shape[1:]
-    # 1. the first evaluation, from the less noisy level, is the DDIM guess
-    x = f(z_prev[idx], idx)
-    out, evals = x.clone(), torch.ones(n, dtype=torch.int64)
-    res_out = torch.full((n,), float("nan"), device=x.device)
-    failed = ~torch.isfinite(x.flatten(1)).all(1)
-    run = (~failed).nonzero().squeeze(1)  # positions into idx of samples still iterating
-    # Anderson's history starts with the pair (z_s, DDIM guess): a free secant of f.
-    xs, gs = [z_prev[idx][run].flatten(1)], [x[run].flatten(1)]
-    x = x[run]
-    best_res = torch.full((len(run),), float("inf"), device=x.device)
-    best_g = x.clone()
-    for k in range(2, max_iters + 1):
+    n, shape, device = len(idx), x0.shape[1:], x0.device
+    out, res_out = x0.clone(), torch.full((n,), float("nan"), device=device)
+    failed = torch.zeros(n, dtype=torch.bool, device=device)
+    evals = torch.zeros(n, dtype=torch.int64)
+    run = torch.arange(n, device=device)  # positions into idx of the samples still iterating
+    x, xs, gs = x0, [], []
+    best_res, best_g = torch.full((n,), float("inf"), device=device), x0.clone()
+    for k in range(1, max_iters + 1):
         if len(run) == 0:
             break
-        # 2. evaluate f at the current iterates of the running samples only
+        # 1. evaluate f at the current iterates of the running samples only
         g = f(x, idx[run])
         evals[run.cpu()] += 1
-        res = _rms(g - x)
-        improved = res < best_res
-        best_res = torch.where(improved, res, best_res)
-        best_g[improved] = g[improved]
-        # 3. decide per sample: diverged, converged, out of iterations, or going on
-        bad = ~torch.isfinite(res) | (res > DIVERGED_RESIDUAL)
-        done = (res <= tol) | (k == max_iters)
-        keep_latest = (method != "anderson") | (res <= tol)
-        accept = torch.where(keep_latest.view(-1, *[1] * len(shape)), g, best_g)
-        stop = bad | done
+        finite = torch.isfinite(g.flatten(1)).all(1)
+        if from_guess and k == 1:
+            res = torch.full_like(best_res, float("nan"))
+            bad, converged = ~finite, torch.zeros_like(finite)
+            best_g = g.clone()
+        else:
+            res = _rms(g - x)
+            improved = res < best_res
+            best_res = torch.where(improved, res, best_res)
+            best_g[improved] = g[improved]
+            bad = ~finite | ~torch.isfinite(res) | (res > DIVERGED_RESIDUAL)
+            converged = res <= tol
+        # 2. decide per sample: diverged, converged, out of iterations, or going on. Plain
+        # iteration keeps its latest image f(x) (the paper's rule); Anderson its best one.
+        stop = bad | converged | (k == max_iters)
+        latest = converged | (method != "anderson")
+        accept = torch.where(latest.view(-1, *[1] * len(shape)), g, best_g)
+        reported = torch.where(latest | torch.isinf(best_res), res, best_res)
         out[run[stop]] = accept[stop]
-        res_out[run[stop]] = torch.where(keep_latest, res, best_res)[stop]
+        res_out[run[stop]] = reported[stop]
         failed[run[bad]] = True
-        # 4. the next iterate of the samples that go on: plain f(x), or the Anderson mix
+        # 3. the next iterate of the samples that go on: plain f(x), or the Anderson mix
         go = ~stop
         run, x, g, best_res, best_g = run[go], x[go], g[go], best_res[go], best_g[go]
         if method == "anderson":
+            # the pair (z_s, DDIM guess) is an evaluation of f too: a free secant
             xs = [h[go] for h in xs[-anderson_m:]] + [x.flatten(1)]
             gs = [h[go] for h in gs[-anderson_m:]] + [g.flatten(1)]
-            x = _anderson_next(xs, gs, anderson_m).view(-1, *shape) if len(xs) > 1 and len(x) else g
+            x = _anderson_next(xs, gs, anderson_m).view(-1, *shape) if len(xs) > 1 else g
         else:
             x = g
     return out, res_out, failed, evals
@@ -346,23 +362,32 @@ def fixed_point_invert(
     tol: float = 0.0,
     method: str = "fixed_point",
     anderson_m: int = 3,
+    predictor: str = "ddim",
 ) -> SolverResult:
     """Invert clean latents z0 (B, C, h, w) to seeds z_T by solving each step's implicit equation.
 
     method "fixed_point" iterates f (the paper's solver; tol 0 gives its fixed iteration count),
-    "anderson" accelerates it over the last `anderson_m` iterates. `max_iters` evaluations of f per
-    step at most, the DDIM guess included (max_iters 1 is DDIM inversion). A sample stops at a step
-    once its RMS residual is <= tol; a sample that produces non-finite values or diverges is marked
-    failed, skipped for the remaining steps, and the rest of the batch goes on.
+    "anderson" accelerates it over the last `anderson_m` iterates. At most `max_iters` evaluations
+    of f per step. The first iterate: with predictor "ddim" z_s itself, so that the first
+    evaluation is the DDIM guess f(z_s) (max_iters 1 is DDIM inversion); from the second step on,
+    "previous" starts at c_z z_s + c_e e with e the noise predicted at the previous step's last
+    iterate, "extrapolate" with e = 2 e_prev - e_prevprev (linear in the step index, the grid
+    being uniform). Those guesses cost no evaluation, and their residual can already stop a sample.
+    A sample stops at a step once its RMS residual is <= tol; a sample with non-finite values or a
+    diverging residual is marked failed and skipped from then on; the rest of the batch goes on.
     """
     if method not in ("fixed_point", "anderson"):
         raise ValueError(f"method: {method!r}; use 'fixed_point' or 'anderson'")
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor: {predictor!r}; use one of {list(PREDICTORS)}")
     z = z0.float().clone()
     batch = len(z)
     residual = torch.full((batch,), float("nan"), device=z.device)
     failed = torch.zeros(batch, dtype=torch.bool, device=z.device)
     evals = torch.zeros(batch, len(schedule), dtype=torch.int64)
-    for i in reversed(range(len(schedule))):
+    eps_seen = torch.zeros_like(z)  # the noise predicted at each sample's latest iterate
+    eps_last_step = torch.zeros_like(z)  # eps_seen as it was at the end of the step before
+    for n_done, i in enumerate(reversed(range(len(schedule)))):
         sa_t, sb_t, sa_s, sb_s = schedule.coefficients(i)
         t = schedule.timesteps[i].to(z.device)
         # 1. the inverse step's linear coefficients: f(x) = c_z * z_s + c_e * eps(x, t)
@@ -371,14 +396,26 @@ def fixed_point_invert(
         z_prev = z.clone()
 
         def f(x, rows, z_prev=z_prev, t=t, c_z=c_z, c_e=c_e):
-            return c_z * z_prev[rows] + c_e * eps_fn(x, t, rows)
+            eps = eps_fn(x, t, rows)
+            eps_seen[rows] = eps
+            return c_z * z_prev[rows] + c_e * eps
 
-        # 2. solve the step for the samples that have not failed
+        # 2. the first iterate: z_s (-> the DDIM guess) or a free guess from earlier noise
         idx = (~failed).nonzero().squeeze(1)
         if len(idx) == 0:
             break
-        sol, res, bad, n_eval = _solve_step(f, z, idx, max_iters, tol, method, anderson_m)
-        # 3. record the solution, the worst residual so far and failures
+        guess = predictor == "ddim" or n_done == 0
+        if guess:
+            x0 = z_prev[idx]
+        else:
+            eps0 = eps_seen[idx]
+            if predictor == "extrapolate" and n_done > 1:
+                eps0 = 2 * eps0 - eps_last_step[idx]
+            x0 = c_z * z_prev[idx] + c_e * eps0
+        eps_last_step = eps_seen.clone()
+        # 3. solve the step for the samples that have not failed
+        sol, res, bad, n_eval = _solve_step(f, x0, idx, guess, max_iters, tol, method, anderson_m)
+        # 4. record the solution, the worst residual so far and failures
         z[idx] = sol
         residual[idx] = torch.fmax(residual[idx], res)
         failed[idx[bad]] = True
@@ -503,6 +540,7 @@ class Inverter:
                 tol=cfg.tol,
                 method=cfg.method,
                 anderson_m=cfg.anderson_m,
+                predictor=cfg.predictor,
             )
         # 4. regenerate the samples that did not fail and measure against the originals
         ok = (~result.failed).nonzero().squeeze(1)

@@ -101,25 +101,30 @@ def test_anderson_and_plain_iteration_converge_to_the_same_seed(tiny_pipe):
 
 
 def test_embedded_model_fixed_point_round_trip_beats_ddim(embedded_pipe):
-    """On the trained digits model at guidance 2: DDIM inversion loses detail, FPI keeps it."""
+    """On the trained digits model at guidance 2: DDIM inversion loses detail, FPI keeps it, and
+    Anderson with the free predictor reaches the same seed with fewer evaluations."""
     images, prompts = _digits(4)
     z0, cond, uncond = _latents(embedded_pipe, images, prompts)
     schedule = inv.ddim_schedule(embedded_pipe.scheduler, 25)
     eps_fn = inv.GuidedEps(embedded_pipe.unet, cond, uncond, 2.0)
+    solve = dict(max_iters=20, tol=1e-5)
     with torch.no_grad():
         ddim = inv.ddim_invert(eps_fn, z0, schedule)
-        plain = inv.fixed_point_invert(eps_fn, z0, schedule, max_iters=20, tol=1e-5)
-        accel = inv.fixed_point_invert(
-            eps_fn, z0, schedule, max_iters=20, tol=1e-5, method="anderson"
+        plain = inv.fixed_point_invert(eps_fn, z0, schedule, **solve)
+        accel = inv.fixed_point_invert(eps_fn, z0, schedule, method="anderson", **solve)
+        predicted = inv.fixed_point_invert(
+            eps_fn, z0, schedule, method="anderson", predictor="extrapolate", **solve
         )
     err = {
         name: _roundtrip_rmse(embedded_pipe, z0, cond, uncond, 2.0, schedule, r)
-        for name, r in (("ddim", ddim), ("plain", plain), ("anderson", accel))
+        for name, r in (("ddim", ddim), ("plain", plain), ("anderson", accel), ("pred", predicted))
     }
-    assert (err["plain"] < 0.2 * err["ddim"]).all(), err
-    assert (err["anderson"] < 0.2 * err["ddim"]).all(), err
-    torch.testing.assert_close(accel.seed, plain.seed, rtol=0, atol=1e-3)
-    assert accel.evals.sum() < plain.evals.sum()
+    for name in ("plain", "anderson", "pred"):
+        assert (err[name] < 0.01 * err["ddim"]).all(), err
+    # the same seed up to the tolerance, amplified along the chain (seed values reach about 5)
+    assert inv.latent_rmse(accel.seed, plain.seed).max() < 1e-3
+    assert inv.latent_rmse(predicted.seed, plain.seed).max() < 1e-3
+    assert predicted.evals.sum() < accel.evals.sum() < plain.evals.sum()
 
 
 def test_batch_of_n_equals_n_batches_of_one(tiny_pipe):
@@ -250,6 +255,8 @@ def test_inverter_output_contract(tiny_pipe):
         inv.Inverter(tiny_pipe, config).invert(_random_images(1, 32), [PROMPT], [0])
     with pytest.raises(ValueError, match="method"):
         inv.InversionConfig(method="newton")
+    with pytest.raises(ValueError, match="predictor"):
+        inv.InversionConfig(predictor="oracle")
 
 
 def test_solver_runs_with_gradients_enabled(tiny_pipe):

@@ -72,4 +72,4 @@ def test_null_text_beats_ddim_at_guidance_7_5(embedded_pipe):
         nt_err = inv.latent_rmse(
             peers.null_text_sample(pipe.unet, seed, cond, nulls, 7.5, schedule), z0
         )
-    assert (nt_err < 0.5 * ddim_err).all(), (nt_err, ddim_err)
+    assert (nt_err < 0.7 * ddim_err).all(), (nt_err, ddim_err)
