@@ -1,10 +1,25 @@
-"""Helpers shared by the augment tests: a tiny augment config, and the bytes of a run's shards."""
+"""Helpers shared by the tests: the tiny model spec, a tiny augment config, a run's shard bytes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
+
+from pipeline.tiny_model import ComponentSpec
+
+# A Stable-Diffusion-shaped model small enough to run a step in milliseconds: 16x16 px, 8x8 latents.
+TINY_SPEC = ComponentSpec(
+    image_size=16,
+    vae_channels=(8, 8),  # 16x16 pixels -> 8x8 latents
+    unet_channels=(16, 32),
+    attention_head_dim=4,
+    norm_num_groups=4,
+    text_hidden=16,
+    text_layers=1,
+    text_heads=2,
+    max_tokens=16,
+)
 
 
 def write_config(path: Path, model_dir: Path, dataset: Path, out: Path, **extra) -> Path:

@@ -12,22 +12,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from augment_helpers import TINY_SPEC  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.models import EMBEDDED_MODEL  # noqa: E402
-from pipeline.tiny_model import ComponentSpec, assemble_pipeline, build_components  # noqa: E402
+from pipeline.tiny_model import assemble_pipeline, build_components  # noqa: E402
 
-TINY_SPEC = ComponentSpec(
-    image_size=16,
-    vae_channels=(8, 8),  # 16x16 pixels -> 8x8 latents
-    unet_channels=(16, 32),
-    attention_head_dim=4,
-    norm_num_groups=4,
-    text_hidden=16,
-    text_layers=1,
-    text_heads=2,
-    max_tokens=16,
-)
 TINY_WORDS = "a photo of the digit zero one two three four five six seven eight nine".split()
 
 

@@ -8,23 +8,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from augment_helpers import TINY_SPEC
 
 from jobs.train_tiny_model import TrainConfig, train
 from pipeline.digits import DigitsSplit, load_digits_arrays, materialize, split_indices
 from pipeline.errors import UserError
 from pipeline.models import EMBEDDED_MODEL, ModelSpec, describe_model, load_pipeline, read_card
-from pipeline.tiny_model import ComponentSpec
-
-TINY_TRAIN_SPEC = ComponentSpec(
-    image_size=16,
-    vae_channels=(8, 8),
-    unet_channels=(16, 32),
-    attention_head_dim=4,
-    norm_num_groups=4,
-    text_hidden=16,
-    text_layers=1,
-    text_heads=2,
-)
 
 
 def test_training_job_runs_and_saves_a_loadable_pipeline(tmp_path):
@@ -34,7 +23,7 @@ def test_training_job_runs_and_saves_a_loadable_pipeline(tmp_path):
         unet_steps=2,
         vae_batch=4,
         unet_batch=4,
-        spec=TINY_TRAIN_SPEC,
+        spec=TINY_SPEC,
         threads=1,
     )
     card = train(cfg, tmp_path / "model", log=lambda _: None)
