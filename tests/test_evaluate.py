@@ -21,6 +21,7 @@ from jobs.evaluate import (
     read_image_folder,
     read_shards,
     targets,
+    walk_kind,
 )
 from pipeline.classifier import (
     ClassicAugment,
@@ -189,11 +190,18 @@ def test_copies_of_sources_are_near_copies_and_blank_images_are_not():
     data = Data(sources, np.full(len(user), 4), sources[:0], np.zeros(0, int), [4], 40)
     added = {4: np.concatenate([oversample(sources, 20), np.zeros((20, 32, 32, 3), np.uint8)])}
     card = {"split": {k: getattr(split, k) for k in split.__dataclass_fields__}}
-    quality = image_quality(added, data, ConstantJudge(4), card)
+    pair = {"sources": ["a", "b"], "weights": [0.9, 0.1]}
+    fresh = {"sources": [], "weights": []}
+    provenance = {4: [pair] * 20 + [fresh] * 20}
+    quality = image_quality(added, data, ConstantJudge(4), card, provenance)
     four = quality["per_class"]["four"]
     assert quality["near_copies"] == 0.5
     assert four["near_copy_threshold"] > 0
     assert quality["judged_in_class"] == 1.0
+    assert quality["near_copies_by_walk"] == {
+        "fresh seed": {"images": 20, "near_copies": 0},
+        "pair, max weight >= 0.7": {"images": 20, "near_copies": 20},
+    }
     assert four["median_source_to_other_source"] > four["near_copy_threshold"] * 0.5
 
 
@@ -231,3 +239,10 @@ def test_targets_report_margins():
     assert values[3]["met"]  # head within one point
     assert values[4]["met"] and values[5]["margin"] == 35.0
     assert not values[6]["met"]  # 10% near-copies
+
+
+def test_walk_kind_groups_positions_for_the_near_copy_breakdown():
+    assert walk_kind({"sources": [], "weights": []}) == "fresh seed"
+    assert walk_kind({"sources": ["a", "b"], "weights": [0.8, 0.2]}) == "pair, max weight >= 0.7"
+    assert walk_kind({"sources": ["a", "b"], "weights": [0.5, 0.5]}) == "pair, max weight < 0.7"
+    assert walk_kind({"sources": list("abcde"), "weights": [0.2] * 5}) == "centroid"
