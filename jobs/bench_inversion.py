@@ -308,7 +308,8 @@ def _fmt(row: dict, key: str, digits: int) -> str:
     value, std = row.get(key), row.get(f"{key}_std")
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "-"
-    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    spec = f".{digits}f" if digits else ".2e"  # digits 0: scientific, for errors near zero
+    return f"{value:{spec}}" + (f" ± {std:{spec}}" if std is not None else "")
 
 
 def markdown(rows: list[dict], sweep: list[dict], targets: list[str], meta: dict) -> str:
@@ -342,7 +343,7 @@ def markdown(rows: list[dict], sweep: list[dict], targets: list[str], meta: dict
         lines.append(
             f"| {r['method']} | {r['case']} | {r['guidance_scale']:g} | {r['adjusted']} "
             f"| {r['images']} | {r['nfe_per_image']:.0f} | {r['nfe_per_step']:.2f} "
-            f"| {r['seconds_per_image']:.4f} | {_fmt(r, 'psnr', 2)} | {_fmt(r, 'latent_rmse', 4)} "
+            f"| {r['seconds_per_image']:.4f} | {_fmt(r, 'psnr', 2)} | {_fmt(r, 'latent_rmse', 0)} "
             f"| {_fmt(r, 'seed_norm_ratio', 3)} | {'-' if std_psnr is None else f'{std_psnr:.2f}'} |"
         )
     lines += [
@@ -358,7 +359,7 @@ def markdown(rows: list[dict], sweep: list[dict], targets: list[str], meta: dict
             f"| {r['method']} | {sv.get('solver')} | {sv.get('predictor')} | {r['guidance_scale']:g} "
             f"| {sv.get('max_iters')} | {sv.get('tol'):g} "
             f"| {sv.get('anderson_m')} | {r['nfe_per_step']:.2f} | {_fmt(r, 'psnr', 2)} "
-            f"| {_fmt(r, 'latent_rmse', 4)} |"
+            f"| {_fmt(r, 'latent_rmse', 0)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -435,17 +436,20 @@ def plot(rows: list[dict], sweep: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     markers = {"real": "o", "generated": "s"}
+    methods = sorted({r["method"] for r in rows} - {"vae_roundtrip"})
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
     for ax, g in zip(axes, GUIDANCES):
         for r in rows:
             if r["guidance_scale"] != g or r["method"] == "vae_roundtrip":
                 continue
-            label = f"{r['method']}{' +adj' if r['adjusted'] else ''}"
+            color = colors[r["method"]]
             ax.scatter(
                 max(r["nfe_per_image"], 1),
-                max(r["latent_rmse"], 1e-6),
+                max(r["latent_rmse"], 1e-8),
                 marker=markers[r["case"]],
-                facecolors="none" if r["adjusted"] else None,
-                label=f"{label} ({r['case']})",
+                facecolors="none" if r["adjusted"] else color,
+                edgecolors=color,
+                label=f"{r['method']}{' +adj' if r['adjusted'] else ''} ({r['case']})",
             )
         for name in (
             "sweep_anderson",
@@ -547,6 +551,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "inversion.json").write_text(json.dumps(rows, indent=1) + "\n")
     (args.out / "inversion_sweep.json").write_text(json.dumps(sweep, indent=1) + "\n")
+    (args.out / "inversion_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     goals = targets(rows)
     (args.out / "inversion.md").write_text(markdown(rows, sweep, goals, meta))
     plot(rows, sweep, args.plot)
