@@ -37,6 +37,19 @@ def entrypoint(config: Path, overrides: list[str], dry_run: bool) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def _submit_with_retry(client, command: str, runtime_env: dict, wait_s: float = 120.0) -> str:
+    """Submit; a cluster that has just started answers "No available agent" until its head's
+    agent is up, so that one answer is retried for `wait_s` seconds. Any other error is raised."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=command, runtime_env=runtime_env)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def submit(config: Path, overrides: list[str], address: str, dry_run: bool = False) -> int:
     """Submit, stream the job's log here, and return 0 if the job succeeded."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -61,9 +74,7 @@ def submit(config: Path, overrides: list[str], address: str, dry_run: bool = Fal
     }
     if cfg.ray.runtime_pip:
         runtime_env["pip"] = list(cfg.ray.runtime_pip)
-    job_id = client.submit_job(
-        entrypoint=entrypoint(config, overrides, dry_run), runtime_env=runtime_env
-    )
+    job_id = _submit_with_retry(client, entrypoint(config, overrides, dry_run), runtime_env)
     print(f"[tailseed] submitted job {job_id} to {address}", flush=True)
 
     async def stream() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 from augment_helpers import shard_files, write_config
 
@@ -32,3 +34,59 @@ def test_ray_run_matches_in_process_and_reads_back(
     assert {
         int(r["cls"]) if not isinstance(r["cls"], bytes) else int(r["cls"].decode()) for r in rows
     } == {1, 2}
+
+
+def test_kill_minus_nine_of_an_actor_then_resume(
+    ray_session, tmp_path, tiny_model_dir, small_dataset
+):
+    """Kill the model actor mid-run (a shard half written); the run or its rerun ends complete."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tarfile
+    import time
+
+    import psutil
+
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "out")
+    data = yaml.safe_load(config.read_text())
+    data["ray"] = {"in_process": False, "local_num_cpus": 2, "object_store_mb": 128}
+    config.write_text(yaml.safe_dump(data))
+    shards = tmp_path / "out" / "shards"
+    repo = Path(__file__).resolve().parents[1]
+    # a Ray of its own, whose workers are this job's children (not the test session's Ray)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "TAILSEED_SLOW_WRITE_S": "3"
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.augment", "--config", str(config)],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and killed is None and proc.poll() is None:
+        if (shards / "00000_stats.json").exists() and (shards / ".00001.tar.tmp").exists():
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if "MapWorker" in " ".join(child.cmdline()) or "MapWorker" in child.name():
+                        killed = child.pid
+                        os.kill(child.pid, signal.SIGKILL)
+                        break
+                except psutil.Error:
+                    continue
+        time.sleep(0.05)
+    assert killed is not None, "no actor was caught while a shard was half written"
+    proc.wait(
+        timeout=300
+    )  # Ray may retry on a new actor and finish, or the run may fail: both resume
+    report = run(load_config(config))
+    assert report["counts"]["samples"] == 12
+    keys = []
+    for s in range(3):
+        with tarfile.open(shards / f"{s:05d}.tar") as tar:
+            keys += [m.name.split(".")[0] for m in tar if m.name.endswith(".png")]
+    assert len(keys) == 12 == len(set(keys))
