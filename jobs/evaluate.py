@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jobs.augment import AugmentConfig, load_config
+from jobs.augment import AugmentConfig, load_config, output_hash
 from jobs.augment import run as run_augment
 from pipeline.classifier import ClassicAugment, TrainRecipe, oversample, predict, train_classifier
 from pipeline.contact import grid, labelled
@@ -173,17 +173,33 @@ def run_config(base: Path, variant: Variant, runs_dir: Path) -> AugmentConfig:
     )
 
 
-def ensure_run(config: AugmentConfig) -> dict:
-    """Run (or resume, or reuse) one augment run; returns its run.json."""
+def ensure_run(config: AugmentConfig) -> tuple[dict, bool]:
+    """Run (or resume, or reuse) one augment run; returns its run.json and whether it was reused.
+
+    A complete run is reused when its config hash matches. The hash covers the config, not
+    tailseed's code: after changing the code, delete OUT/runs so the runs are made again.
+    """
     run_json = config.out() / "run.json"
     if run_json.is_file():
         report = json.loads(run_json.read_text())
-        if report.get("status") == "complete":
-            from jobs.augment import output_hash
+        if report.get("status") == "complete" and report.get("config_hash") == output_hash(config):
+            return report, True
+    return run_augment(config), False
 
-            if report.get("config_hash") == output_hash(config):
-                return report
-    return run_augment(config)
+
+def code_version() -> dict:
+    """The git commit of the working tree that ran the evaluation, and whether it had changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -569,14 +585,15 @@ def evaluate(
     runs_dir = runs_dir or out / "runs"
 
     # 1. the augment runs behind the generated variants (reused when complete)
-    run_reports = {}
+    run_reports, reused = {}, {}
     for v in all_variants:
         if v.kind != "generated":
             continue
         t0 = time.perf_counter()
-        run_reports[v.key] = ensure_run(run_config(config_path, v, runs_dir))
+        run_reports[v.key], reused[v.key] = ensure_run(run_config(config_path, v, runs_dir))
         timings[f"augment_{v.key}_s"] = round(time.perf_counter() - t0, 1)
-        log(f"augment run {v.key}: {timings[f'augment_{v.key}_s']:.0f}s")
+        how = "reused (complete, same config hash)" if reused[v.key] else "made"
+        log(f"augment run {v.key}: {how}, {timings[f'augment_{v.key}_s']:.0f}s")
 
     # 2. the data, from disk as a user would read it
     data = load_data(base, run_reports["default"])
@@ -605,6 +622,8 @@ def evaluate(
                 "output_dir": str(runs_dir / v.key),
                 "overrides": list(v.overrides),
                 "config_hash": run_reports[v.key]["config_hash"],
+                "reused_existing_run": reused[v.key],
+                "versions": run_reports[v.key].get("versions"),
             }
         results[v.key] = entry
         log(
@@ -617,6 +636,7 @@ def evaluate(
     timings["total_s"] = round(time.perf_counter() - started, 1)
     report = {
         "config": str(config_path),
+        "code": code_version(),
         "seeds": seeds,
         "data": {
             "user_images": int(len(data.user_y)),
