@@ -9,6 +9,7 @@ different config stops.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -182,8 +183,26 @@ def describe_plan(plan: Plan) -> list[str]:
 # Output folder
 
 
-def check_output_folder(out: Path, config_hash: str) -> dict:
-    """Create or reuse `out`; refuse one made by a different config."""
+def code_hash() -> str:
+    """Hash of the code that computes a run's outputs (pipeline/, stages/, this job): a folder made
+    by other code is not resumed as if it were current."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(
+        [
+            *(root / "pipeline").glob("*.py"),
+            *(root / "stages").glob("*.py"),
+            Path(__file__).resolve(),
+        ]
+    )
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_output_folder(out: Path, config_hash: str, code: str) -> dict:
+    """Create or reuse `out`; refuse one made by a different config or by different code."""
     run_json = out / "run.json"
     if run_json.is_file():
         previous = json.loads(run_json.read_text())
@@ -191,6 +210,12 @@ def check_output_folder(out: Path, config_hash: str) -> dict:
             raise UserError(
                 f"output folder {out} was made by a different config (hash {previous.get('config_hash')} "
                 f"vs {config_hash}); use another output_dir or delete the folder"
+            )
+        if previous.get("code_hash") != code:
+            raise UserError(
+                f"output folder {out} was made by a different version of tailseed's code (code hash "
+                f"{previous.get('code_hash')} vs {code}); its outputs would not match a fresh run: use "
+                f"another output_dir or delete the folder"
             )
         return previous
     if out.exists() and any(out.iterdir()):
@@ -351,7 +376,13 @@ def run_walks(plan: Plan, seeds: dict[int, list[dict]], out: Path) -> dict[int, 
         keys = [r["key"] for r in rows]
         stacked = np.stack([r["seed"] for r in rows]) if rows else np.zeros((0,))
         new = make_walks(
-            p.class_index, p.class_name, stacked, keys, p.to_generate, cfg.walk, plan.config_hash,
+            p.class_index,
+            p.class_name,
+            stacked,
+            keys,
+            p.to_generate,
+            cfg.walk,
+            plan.config_hash,
             plan.model["latent_shape"],
         )
         table = [
@@ -559,11 +590,19 @@ def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False
     if dry_run:
         log("dry run: stopping before any model work")
         return {"dry_run": True, "estimate": estimate_nfe(plan)}
-    check_output_folder(out, plan.config_hash)
+    code = code_hash()
+    check_output_folder(out, plan.config_hash, code)
     atomic_write(out / "classes.json", dumps({str(k): v for k, v in sorted(plan.classes.items())}))
     atomic_write(
         out / "run.json",
-        dumps({"status": "running", "config_hash": plan.config_hash, "config": to_dict(config)}),
+        dumps(
+            {
+                "status": "running",
+                "config_hash": plan.config_hash,
+                "code_hash": code,
+                "config": to_dict(config),
+            }
+        ),
     )
     t0 = time.perf_counter()
     runner = make_runner(config, address)
@@ -577,6 +616,7 @@ def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False
     finally:
         runner.shutdown()
     report = finalize(plan, out, num_shards, timings, nodes, started)
+    report["code_hash"] = code
     atomic_write(out / "run.json", dumps(report))
     counts = report["counts"]
     log(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jobs.augment import AugmentConfig, load_config, output_hash
+from jobs.augment import AugmentConfig, code_hash, load_config, output_hash
 from jobs.augment import run as run_augment
 from pipeline.classifier import ClassicAugment, TrainRecipe, oversample, predict, train_classifier
 from pipeline.contact import grid, labelled
@@ -176,14 +177,20 @@ def run_config(base: Path, variant: Variant, runs_dir: Path) -> AugmentConfig:
 def ensure_run(config: AugmentConfig) -> tuple[dict, bool]:
     """Run (or resume, or reuse) one augment run; returns its run.json and whether it was reused.
 
-    A complete run is reused when its config hash matches. The hash covers the config, not
-    tailseed's code: after changing the code, delete OUT/runs so the runs are made again.
+    A complete run is reused when its config hash and code hash match; a run made by other code
+    is deleted and made again (its images would not be what this code generates).
     """
     run_json = config.out() / "run.json"
     if run_json.is_file():
         report = json.loads(run_json.read_text())
-        if report.get("status") == "complete" and report.get("config_hash") == output_hash(config):
+        same = (
+            report.get("config_hash") == output_hash(config)
+            and report.get("code_hash") == code_hash()
+        )
+        if report.get("status") == "complete" and same:
             return report, True
+        if report.get("code_hash") != code_hash():
+            shutil.rmtree(config.out())
     return run_augment(config), False
 
 

@@ -148,6 +148,19 @@ def test_a_different_config_into_the_same_folder_stops(first_run):
         run(load_config(config, ["walk.method=lerp"]))
 
 
+def test_a_folder_made_by_other_code_stops(first_run, tmp_path):
+    import shutil
+
+    config, out, _ = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    run_json = json.loads((copy / "run.json").read_text())
+    run_json["code_hash"] = "0" * 16
+    (copy / "run.json").write_text(json.dumps(run_json))
+    with pytest.raises(UserError, match="different version of tailseed's code"):
+        run(load_config(config, [f"output_dir={copy}"]))
+
+
 def test_dry_run_does_no_work(tmp_path, tiny_model_dir, small_dataset, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "out")
     result = run(load_config(config), dry_run=True)

@@ -30,13 +30,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def own_ports() -> str:
+    """Agent and metrics ports of a node: Ray's defaults collide with any other Ray on the machine
+    (the test session's own), and the job server then finds no agent."""
+    return (
+        f"--dashboard-agent-listen-port {free_port()} --dashboard-agent-grpc-port {free_port()} "
+        f"--metrics-export-port {free_port()} --runtime-env-agent-port {free_port()}"
+    )
+
+
 @pytest.fixture(scope="module")
 def cluster():
     # Ray's unix sockets live under --temp-dir, and their paths must stay under 108 bytes
     tmp = Path(tempfile.mkdtemp(prefix="tsray", dir="/tmp"))
     gcs, dash = free_port(), free_port()
+    # the test session's own Ray (another fixture) exports RAY_ADDRESS and friends: a fresh
+    # cluster must not inherit them
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env = {
-        **os.environ,
+        **inherited,
         "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -45,8 +57,8 @@ def cluster():
     ray = str(VENV_BIN / "ray")
     script = (
         f"{ray} start --head --port {gcs} --num-cpus 1 --object-store-memory 100000000 "
-        f"--dashboard-host 127.0.0.1 --dashboard-port {dash} --include-dashboard true --temp-dir {tmp} && "
-        f"{ray} start --address 127.0.0.1:{gcs} --num-cpus 1 --object-store-memory 100000000 && sleep 100000"
+        f"--dashboard-host 127.0.0.1 --dashboard-port {dash} --include-dashboard true --temp-dir {tmp} {own_ports()} && "
+        f"{ray} start --address 127.0.0.1:{gcs} --num-cpus 1 --object-store-memory 100000000 {own_ports()} && sleep 100000"
     )
     proc = subprocess.Popen(
         ["bash", "-c", script],
