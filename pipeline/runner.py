@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.errors import UserError
+
+
+class ResourceError(UserError):
+    """A stage asks for more than the cluster has."""
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -228,6 +234,20 @@ class RayRunner:
 
         return dict(ray.cluster_resources())
 
+    def check_resources(self, stages: list[Stage]) -> None:
+        """A stage whose actor pool can never be placed would wait forever: say so instead."""
+        total = self.cluster_resources()
+        for stage in stages:
+            r = stage.resources
+            for name, per_actor in (("GPU", r.num_gpus), ("CPU", r.num_cpus)):
+                need, have = per_actor * r.num_actors, float(total.get(name, 0.0))
+                if need > have:
+                    raise ResourceError(
+                        f"{stage.name}.resources: {r.num_actors} actor(s) x {per_actor:g} {name} = "
+                        f"{need:g} {name}, but the Ray cluster has {have:g}; lower num_actors or "
+                        f"num_{name.lower()}s"
+                    )
+
     def run(
         self, units: dict[int, dict[str, np.ndarray]], stages: list[Stage]
     ) -> Iterator[UnitResult]:
@@ -235,6 +255,7 @@ class RayRunner:
 
         if not units:
             return
+        self.check_resources(stages)
         items = [{"unit": u, "payload": pack(units[u])} for u in sorted(units)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         for stage in stages:

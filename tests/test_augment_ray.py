@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from augment_helpers import shard_files, write_config
 
@@ -90,3 +91,21 @@ def test_kill_minus_nine_of_an_actor_then_resume(
         with tarfile.open(shards / f"{s:05d}.tar") as tar:
             keys += [m.name.split(".")[0] for m in tar if m.name.endswith(".png")]
     assert len(keys) == 12 == len(set(keys))
+
+
+def test_asking_for_more_gpus_than_the_cluster_has_says_so(
+    ray_session, tmp_path, tiny_model_dir, small_dataset
+):
+    from pipeline.errors import UserError
+
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "out")
+    overrides = [
+        "ray.in_process=false",
+        "invert.resources.num_gpus=1",
+        "invert.resources.num_actors=2",
+    ]
+    with pytest.raises(
+        UserError,
+        match=r"invert.resources: 2 actor\(s\) x 1 GPU = 2 GPU, but the Ray cluster has 0",
+    ):
+        run(load_config(config, overrides))
