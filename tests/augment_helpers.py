@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -53,3 +55,14 @@ def write_config(path: Path, model_dir: Path, dataset: Path, out: Path, **extra)
 
 def shard_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "shards").iterdir())}
+
+
+def start_augment(config: Path, env: dict) -> subprocess.Popen:
+    """The augment job as a separate process (so that a test can kill it), output discarded."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.augment", "--config", str(config)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from augment_helpers import shard_files, write_config
+from augment_helpers import shard_files, start_augment, write_config
 from PIL import Image
 
 from jobs.augment import load_config, run
@@ -175,13 +175,7 @@ def test_kill_minus_nine_mid_shard_then_resume(tmp_path, tiny_model_dir, small_d
     config = write_config(tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "out")
     out = tmp_path / "out" / "shards"
     env = {**os.environ, "TAILSEED_SLOW_WRITE_S": "3"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.augment", "--config", str(config)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_augment(config, env)
     deadline = time.time() + 240
     while time.time() < deadline:
         if (out / "00000_stats.json").exists() and (out / ".00001.tar.tmp").exists():
@@ -214,8 +208,12 @@ def test_index_json_is_read_by_wids(first_run):
     assert sample[".cls"] is not None and sample["__key__"]
 
 
-def test_prompt_method_generates_from_fresh_seeds_without_inversion(tmp_path, tiny_model_dir, small_dataset):
-    config = write_config(tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "out", walk__method="prompt")
+def test_prompt_method_generates_from_fresh_seeds_without_inversion(
+    tmp_path, tiny_model_dir, small_dataset
+):
+    config = write_config(
+        tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "out", walk__method="prompt"
+    )
     report = run(load_config(config))
     assert report["counts"]["samples"] == 12
     assert not (tmp_path / "out" / "seeds").exists()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
-from augment_helpers import shard_files, write_config
+from augment_helpers import shard_files, start_augment, write_config
 
 from jobs.augment import load_config, run
 
@@ -43,8 +41,6 @@ def test_kill_minus_nine_of_an_actor_then_resume(
     """Kill the model actor mid-run (a shard half written); the run or its rerun ends complete."""
     import os
     import signal
-    import subprocess
-    import sys
     import tarfile
     import time
 
@@ -55,18 +51,11 @@ def test_kill_minus_nine_of_an_actor_then_resume(
     data["ray"] = {"in_process": False, "local_num_cpus": 2, "object_store_mb": 128}
     config.write_text(yaml.safe_dump(data))
     shards = tmp_path / "out" / "shards"
-    repo = Path(__file__).resolve().parents[1]
     # a Ray of its own, whose workers are this job's children (not the test session's Ray)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "TAILSEED_SLOW_WRITE_S": "3"
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.augment", "--config", str(config)],
-        cwd=repo,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_augment(config, env)
     killed = None
     deadline = time.time() + 300
     while time.time() < deadline and killed is None and proc.poll() is None:
