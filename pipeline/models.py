@@ -103,21 +103,40 @@ def read_card(folder: Path) -> dict:
     return json.loads(card.read_text()) if card.is_file() else {}
 
 
-def load_pipeline(spec: ModelSpec):
+def resolve_folder(spec: ModelSpec) -> Path:
+    """The checked pipeline folder of `spec`: a local folder, or the local Hugging Face cache's
+    snapshot of a hub id (never downloaded)."""
+    folder = _local_folder(spec.path)
+    if folder is None:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder = Path(
+                snapshot_download(spec.path, revision=spec.revision, local_files_only=True)
+            )
+        except (LocalEntryNotFoundError, OSError, ValueError) as exc:
+            raise ModelError(
+                f"model {spec.path!r}: not in the local Hugging Face cache. Download it on a machine "
+                f"with network access (huggingface-cli download {spec.path}) or point model.path at "
+                f"a local folder."
+            ) from exc
+    check_model_folder(folder)
+    return folder
+
+
+def load_pipeline(spec: ModelSpec, with_hash: bool = True):
     """Load a StableDiffusionPipeline on the spec's device and dtype; refuse v-prediction models.
 
-    Returns (pipeline, info) where info has `model` (as given), `model_hash`, `folder`, `card`.
+    Returns (pipeline, info) where info has `model` (as given), `model_hash` (None unless
+    `with_hash`: hashing reads every weight file, which model actors need not repeat), `folder`,
+    `card`.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    folder = _local_folder(spec.path)
-    if folder is not None:
-        check_model_folder(folder)
-        source = str(folder)
-    else:
-        source = spec.path
+    folder = resolve_folder(spec)
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
@@ -127,8 +146,7 @@ def load_pipeline(spec: ModelSpec):
             # newer diffusers renames torch_dtype to dtype; older ones only know torch_dtype
             warnings.simplefilter("ignore", FutureWarning)
             pipe = StableDiffusionPipeline.from_pretrained(
-                source,
-                revision=spec.revision,
+                str(folder),
                 torch_dtype=dtype,
                 safety_checker=None,
                 requires_safety_checker=False,
@@ -147,13 +165,9 @@ def load_pipeline(spec: ModelSpec):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    if folder is None:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(spec.path, revision=spec.revision, local_files_only=True))
     info = {
         "model": spec.path,
-        "model_hash": model_hash(folder),
+        "model_hash": model_hash(folder) if with_hash else None,
         "folder": str(folder),
         "card": read_card(folder),
     }
@@ -166,21 +180,7 @@ def describe_model(spec: ModelSpec) -> dict:
     Checks the folder (or the local hub cache for a hub id) and refuses v-prediction before any
     work starts. Returns `model`, `folder`, `model_hash`, `image_size`, `latent_shape`, `card`.
     """
-    folder = _local_folder(spec.path)
-    if folder is None:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            folder = Path(
-                snapshot_download(spec.path, revision=spec.revision, local_files_only=True)
-            )
-        except (LocalEntryNotFoundError, OSError, ValueError) as exc:
-            raise ModelError(
-                f"model {spec.path!r}: not in the local Hugging Face cache. Download it on a machine "
-                f"with network access (huggingface-cli download {spec.path}) or point model.path at "
-                f"a local folder."
-            ) from exc
+    folder = resolve_folder(spec)
     check_model_folder(folder)
 
     def config(name: str, file: str) -> dict:

@@ -31,7 +31,7 @@ class GenerateStage:
     def __init__(
         self, model: dict, guidance_scale: float, num_inference_steps: int, batch_size: int
     ):
-        pipe, _ = load_pipeline(ModelSpec(**model))
+        pipe, _ = load_pipeline(ModelSpec(**model), with_hash=False)
         self.inverter = Inverter(pipe, InversionConfig(num_inference_steps=num_inference_steps))
         self.guidance_scale, self.steps, self.batch_size = (
             guidance_scale,

@@ -24,7 +24,7 @@ class InvertStage:
     failed."""
 
     def __init__(self, model: dict, solver: dict):
-        pipe, _ = load_pipeline(ModelSpec(**model))
+        pipe, _ = load_pipeline(ModelSpec(**model), with_hash=False)
         self.inverter = Inverter(pipe, InversionConfig(**solver))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
