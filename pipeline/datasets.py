@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,8 +17,8 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.images import IMAGE_EXTENSIONS
+from pipeline.seed_table import sanitize
 
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 LABEL_EXTENSIONS = (".cls", ".json", ".txt")
 
 
@@ -46,7 +45,7 @@ class Listing:
 
 def safe_key(text: str, salt: str, prefix: str = "") -> str:
     """A key made of `text` with unsafe characters replaced, plus a short hash of `salt` for uniqueness."""
-    stem = _KEY_UNSAFE.sub("_", text)[:60]
+    stem = sanitize(text)[:60]
     digest = hashlib.sha1(salt.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return f"{prefix}{stem}_{digest}"
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,8 @@ from pipeline.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL = REPO_ROOT / "models" / "tiny-digits"
 CARD_NAME = "tailseed_card.json"
+CACHE_DIR_ENV = "TAILSEED_CACHE_DIR"  # folder of tailseed's caches; default ~/.cache/tailseed
+HASH_CACHE_NAME = "model_hashes.json"
 
 
 class ModelError(UserError):
@@ -83,18 +88,96 @@ def check_model_folder(folder: Path) -> None:
         )
 
 
-def model_hash(folder: Path) -> str:
-    """sha256 over the weight files of a pipeline folder (names and bytes, in sorted order), 16 hex."""
-    digest = hashlib.sha256()
-    files = sorted(
+def _weight_files(folder: Path) -> list[Path]:
+    """The .safetensors and .bin files under `folder`, sorted."""
+    return sorted(
         p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()
     )
+
+
+def _hash_files(folder: Path, files: list[Path]) -> str:
+    """sha256 over the files' paths relative to `folder` and their bytes, in order; 16 hex."""
+    digest = hashlib.sha256()
     for p in files:
         digest.update(str(p.relative_to(folder)).encode())
         with p.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def _fingerprint(folder: Path, files: list[Path]) -> list[list]:
+    """Per file: relative path, resolved target, size and st_mtime_ns of the target (no reads)."""
+    rows = []
+    for p in files:
+        target = p.resolve()  # hub cache snapshots are symlinks into blobs/
+        st = target.stat()
+        rows.append([str(p.relative_to(folder)), str(target), st.st_size, st.st_mtime_ns])
+    return rows
+
+
+def _hash_cache_file() -> Path | None:
+    """$TAILSEED_CACHE_DIR/model_hashes.json, by default under ~/.cache/tailseed; None if no home."""
+    try:
+        folder = os.environ.get(CACHE_DIR_ENV) or Path("~/.cache/tailseed").expanduser()
+    except RuntimeError:  # no home directory to expand ~ to
+        return None
+    return Path(folder) / HASH_CACHE_NAME
+
+
+def _read_hash_cache(path: Path) -> dict:
+    """The cache's entries by folder; {} if the file is missing, unreadable or not ours."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != 1:
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write_hash_cache(path: Path, entries: dict) -> None:
+    """Replace the cache file atomically; a cache that cannot be written is skipped silently."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({"version": 1, "entries": entries}, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def model_hash(folder: Path) -> str:
+    """sha256 over the weight files of a pipeline folder (names and bytes, in sorted order), 16 hex.
+
+    Cached by the folder's resolved path in `_hash_cache_file()`: a hit needs the same fingerprint
+    (each weight file's relative path, resolved target, size and mtime); anything else rehashes.
+    """
+    files = _weight_files(folder)
+    fingerprint = _fingerprint(
+        folder, files
+    )  # taken before hashing: a file changed meanwhile misses
+    key = str(folder.resolve())
+    cache = _hash_cache_file()
+    entries = _read_hash_cache(cache) if cache is not None else {}
+    entry = entries.get(key)
+    if (
+        isinstance(entry, dict)
+        and entry.get("files") == fingerprint
+        and isinstance(entry.get("hash"), str)
+    ):
+        return entry["hash"]
+    value = _hash_files(folder, files)
+    if cache is not None:
+        entries = {k: v for k, v in entries.items() if Path(k).is_dir()}  # forget deleted folders
+        entries[key] = {"hash": value, "files": fingerprint}
+        _write_hash_cache(cache, entries)
+    return value
 
 
 def read_card(folder: Path) -> dict:

@@ -54,11 +54,16 @@ WALKS_SCHEMA = pa.schema(
 _OPTIONAL = {"class_index", "class_name", "recon_psnr", "recon_latent_rmse", "nfe"}
 
 
+def sanitize(text: str) -> str:
+    """`text` with every character outside [A-Za-z0-9_-] replaced by "_" (the one key alphabet)."""
+    return _NOT_KEY.sub("_", text)
+
+
 def make_key(stem: str) -> str:
     """A file stem as a key: every character outside [A-Za-z0-9_-] becomes "_"; at most 100 chars."""
     if not stem:
         raise UserError("cannot make a key from an empty file name")
-    return _NOT_KEY.sub("_", stem)[:KEY_MAX]
+    return sanitize(stem)[:KEY_MAX]
 
 
 def is_key(key: str) -> bool:

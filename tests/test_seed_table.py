@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.datasets import safe_key
 from pipeline.errors import UserError
 from pipeline.seed_table import (
     SEEDS_SCHEMA,
@@ -14,6 +15,7 @@ from pipeline.seed_table import (
     make_key,
     read_seeds,
     read_walks,
+    sanitize,
     write_seeds,
     write_walks,
 )
@@ -133,3 +135,29 @@ def test_reading_a_file_without_the_columns_names_it(tmp_path):
 )
 def test_make_key(stem, key):
     assert make_key(stem) == key
+
+
+@pytest.mark.parametrize(
+    "text, clean",
+    [
+        ("digit_4-001", "digit_4-001"),
+        ("a/b\\c d\n", "a_b_c_d_"),
+        ("\udcff\u00e9\U0001f600", "___"),  # one "_" per code point, lone surrogates included
+        ("", ""),
+    ],
+)
+def test_sanitize(text, clean):
+    assert sanitize(text) == clean
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("my image.v2", "c3_my_image_v2_8cb555f5"),
+        ("\u00fcn\u00efcode", "c3__n_code_95a07e5e"),
+        ("x" * 150, "c3_" + "x" * 60 + "_def36f01"),
+    ],
+)
+def test_dataset_keys_are_unchanged(text, key):
+    """Listing keys use the same alphabet as make_key; values pinned from the pre-refactor code."""
+    assert safe_key(text, "salt/" + text, "c3_") == key
