@@ -8,6 +8,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+if "TAILSEED_CACHE_DIR" not in os.environ:  # the model-hash cache: never the user's home in tests
+    import tempfile
+
+    os.environ["TAILSEED_CACHE_DIR"] = tempfile.mkdtemp(prefix="tailseed-test-cache-")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

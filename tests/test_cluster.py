@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -39,65 +40,113 @@ def own_ports() -> str:
     )
 
 
+class Cluster:
+    """A real Ray cluster on this machine: a head node with the job server and worker nodes, each
+    `ray start --block` in a process session of its own, so that one node can be killed whole."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.gcs, self.dash = tmp, free_port(), free_port()
+        self.address = f"http://127.0.0.1:{self.dash}"
+        # the test session's own Ray (another fixture) exports RAY_ADDRESS and friends: a fresh
+        # cluster must not inherit them
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env = {
+            **inherited,
+            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # a killed node is declared dead after about 3 s instead of Ray's default 15 s
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+            "HF_HUB_OFFLINE": "1",
+        }
+        self.ray = str(VENV_BIN / "ray")
+        self.nodes: list[subprocess.Popen] = []
+
+    def _start(self, args: str, name: str, extra_env: dict | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            ["bash", "-c", f"exec {self.ray} start --block {args} {own_ports()}"],
+            env={**self.env, **(extra_env or {})},
+            start_new_session=True,
+            stdout=open(self.tmp / f"{name}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+        self.nodes.append(proc)
+        return proc
+
+    def start_head(self) -> None:
+        self._start(
+            f"--head --port {self.gcs} --num-cpus 1 --object-store-memory 100000000 "
+            f"--dashboard-host 127.0.0.1 --dashboard-port {self.dash} --include-dashboard true "
+            f"--temp-dir {self.tmp}",
+            "head",
+        )
+        self.wait_for_nodes(1)
+
+    def start_worker(self, name: str, extra_env: dict | None = None) -> subprocess.Popen:
+        """A worker node with one CPU; `extra_env` reaches the actors that run on it."""
+        return self._start(
+            f"--address 127.0.0.1:{self.gcs} --num-cpus 1 --object-store-memory 100000000",
+            name,
+            extra_env,
+        )
+
+    def alive_nodes(self) -> int:
+        status = subprocess.run(
+            [self.ray, "status", "--address", f"127.0.0.1:{self.gcs}"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
+        active = status.stdout.split("Pending:")[0]  # node lines are listed under "Active:"
+        return active.count("node_")
+
+    def wait_for_nodes(self, count: int, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.alive_nodes() == count:
+                return
+            time.sleep(1)
+        logs = "\n".join(p.read_text()[-2000:] for p in sorted(self.tmp.glob("*.log")))
+        pytest.fail(f"the cluster did not reach {count} alive nodes:\n{logs}")
+
+    @staticmethod
+    def kill(node: subprocess.Popen) -> None:
+        """SIGKILL a node's whole process session: raylet, object store, its actors."""
+        try:
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        node.wait()
+
+    def stop(self) -> None:
+        for node in self.nodes:  # each node's own process session, nothing else on the machine
+            try:
+                os.killpg(node.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+        for node in self.nodes:
+            self.kill(node)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     # Ray's unix sockets live under --temp-dir, and their paths must stay under 108 bytes
     tmp = Path(tempfile.mkdtemp(prefix="tsray", dir="/tmp"))
-    gcs, dash = free_port(), free_port()
-    # the test session's own Ray (another fixture) exports RAY_ADDRESS and friends: a fresh
-    # cluster must not inherit them
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env = {
-        **inherited,
-        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "HF_HUB_OFFLINE": "1",
-    }
-    ray = str(VENV_BIN / "ray")
-    script = (
-        f"{ray} start --head --port {gcs} --num-cpus 1 --object-store-memory 100000000 "
-        f"--dashboard-host 127.0.0.1 --dashboard-port {dash} --include-dashboard true --temp-dir {tmp} {own_ports()} && "
-        f"{ray} start --address 127.0.0.1:{gcs} --num-cpus 1 --object-store-memory 100000000 {own_ports()} && sleep 100000"
-    )
-    proc = subprocess.Popen(
-        ["bash", "-c", script],
-        env=env,
-        start_new_session=True,
-        stdout=open(tmp / "cluster.log", "w"),
-        stderr=subprocess.STDOUT,
-    )
-    address = f"http://127.0.0.1:{dash}"
+    c = Cluster(tmp)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            status = subprocess.run(
-                [ray, "status", "--address", f"127.0.0.1:{gcs}"],
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            if status.stdout.count("node_") >= 2:
-                break
-            assert proc.poll() is None, (tmp / "cluster.log").read_text()
-            time.sleep(2)
-        else:
-            pytest.fail(
-                "the two-node cluster did not come up:\n" + (tmp / "cluster.log").read_text()
-            )
-        yield {"address": address, "env": env}
+        c.start_head()
+        c.worker = c.start_worker("worker")
+        c.wait_for_nodes(2)
+        yield c
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the cluster's own process session, nothing else
-        time.sleep(3)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        c.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_submitted_job_runs_on_both_nodes(cluster, tmp_path):
-    out = tmp_path / "out"
+def short_config(out: Path) -> Path:
+    """The default config, shortened: 16 generated images in 4 shards; 2 generate actors."""
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     config["output_dir"] = str(out)  # shared storage: every node writes its shards here
     config["select"]["quota"] = 18  # 8 generated per tail class: a short run
@@ -107,31 +156,135 @@ def test_submitted_job_runs_on_both_nodes(cluster, tmp_path):
     config["invert"]["resources"] = {"num_actors": 1, "num_cpus": 0.75}
     # one 0.75-CPU generate actor fits per 1-CPU node: the pool spans both nodes
     config["generate"]["resources"] = {"num_actors": 2, "num_cpus": 0.75}
-    path = REPO / "configs" / f".test-cluster-{os.getpid()}.yaml"
+    path = REPO / "configs" / f".test-cluster-{os.getpid()}-{out.parent.name}.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def make_augment(config: Path, cluster: Cluster, log: Path) -> subprocess.Popen:
+    """`make augment CONFIG=... RAY_ADDRESS=...` in a process session of its own."""
+    return subprocess.Popen(
+        [
+            "make",
+            "-s",
+            "augment",
+            f"CONFIG={config.relative_to(REPO)}",
+            f"RAY_ADDRESS={cluster.address}",
+        ],
+        cwd=REPO,
+        env=cluster.env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def shard_keys(shards: Path) -> list[str]:
+    keys = []
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:  # every tar must open
+            keys += [m.name.split(".")[0] for m in tar if m.name.endswith(".png")]
+    return keys
+
+
+def test_submitted_job_runs_on_both_nodes(cluster, tmp_path):
+    out = tmp_path / "out"
+    path = short_config(out)
     try:
-        result = subprocess.run(
-            [
-                "make",
-                "-s",
-                "augment",
-                f"CONFIG={path.relative_to(REPO)}",
-                f"RAY_ADDRESS={cluster['address']}",
-            ],
-            cwd=REPO,
-            env=cluster["env"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = make_augment(path, cluster, tmp_path / "make.log")
+        proc.wait(timeout=600)
     finally:
         path.unlink()
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "SUCCEEDED" in result.stdout
+    stdout = (tmp_path / "make.log").read_text()
+    assert proc.returncode == 0, stdout[-6000:]
+    assert "SUCCEEDED" in stdout
     run = json.loads((out / "run.json").read_text())
     assert run["counts"]["samples"] == 16
     assert len(run["node_ids"]) == 2, run["node_ids"]  # the worker node did part of the work
     assert len(list((out / "shards").glob("*_stats.json"))) == 4
+
+
+def test_worker_node_killed_mid_run_then_resume(cluster, tmp_path):
+    """Kill a whole worker node while it is half way through writing a shard; a replacement node
+    joins. Whether the job finishes on its own or fails, a rerun of the same command ends with
+    every shard complete, nothing lost or duplicated, and bytes equal to an uninterrupted run."""
+    from jobs.augment import load_config, run
+
+    out = tmp_path / "out"
+    shards = out / "shards"
+    path = short_config(out)
+    try:
+        cluster.kill(cluster.worker)
+        cluster.wait_for_nodes(1)
+        # the node to be killed writes slowly: a half-written shard sits there for 20 s
+        doomed = cluster.start_worker("doomed", {"TAILSEED_SLOW_WRITE_S": "20"})
+        cluster.wait_for_nodes(2)
+        proc = make_augment(path, cluster, tmp_path / "make1.log")
+        # kill when a shard has sat half written for 2 s (the doomed node's), or at the latest
+        # when the first shard is done: either way the doomed node holds part of the work
+        seen: dict[str, float] = {}
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            now = time.time()
+            for tmp in shards.glob(".*.tar.tmp"):
+                seen.setdefault(tmp.name, now)
+            if any(now - t > 2 for n, t in seen.items() if (shards / n).exists()):
+                break
+            if list(shards.glob("*_stats.json")):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, (tmp_path / "make1.log").read_text()[-4000:]
+        done_at_kill = len(list(shards.glob("*_stats.json")))
+        cluster.kill(doomed)
+        assert done_at_kill < 4, "the run had finished before the node was killed"
+        cluster.worker = cluster.start_worker("replacement")
+        try:
+            proc.wait(timeout=300)  # Ray may restart the actor on the new node, or give up
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            subprocess.run(
+                [
+                    cluster.ray,
+                    "job",
+                    "stop",
+                    "--address",
+                    cluster.address,
+                    *submitted(tmp_path / "make1.log"),
+                ],
+                env=cluster.env,
+                capture_output=True,
+            )
+        cluster.wait_for_nodes(2)
+        again = make_augment(path, cluster, tmp_path / "make2.log")
+        again.wait(timeout=600)
+        log2 = (tmp_path / "make2.log").read_text()
+        assert again.returncode == 0, log2[-6000:]
+
+        keys = shard_keys(shards)
+        assert len(keys) == 16 == len(set(keys))
+        assert len(list(shards.glob("*_stats.json"))) == 4
+        assert not list(shards.glob(".*.tmp"))
+        # the same run, uninterrupted and in-process, gives the same bytes
+        reference = run(
+            load_config(path, ["ray.in_process=true", f"output_dir={tmp_path / 'reference'}"])
+        )
+        assert reference["counts"]["samples"] == 16
+        for tar_path in sorted(shards.glob("*.tar")):
+            assert (
+                tar_path.read_bytes()
+                == (tmp_path / "reference" / "shards" / tar_path.name).read_bytes()
+            )
+    finally:
+        path.unlink()
+
+
+def submitted(log: Path) -> list[str]:
+    """The job ids that `make augment` printed."""
+    return [
+        line.split("submitted job ")[1].split()[0]
+        for line in log.read_text().splitlines()
+        if "submitted job " in line
+    ]
 
 
 def test_unreachable_address_fails_fast_and_names_it(tmp_path):
