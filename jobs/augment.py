@@ -495,7 +495,7 @@ def run_generation(
         extra = f", skipped {skipped}" if skipped else ""
         log(
             f"generate: shard {res.unit:05d} written ({int(res.batch['samples'][0])} samples{extra}), "
-            f"{finished}/{num_shards} shards done"
+            f"{finished}/{num_shards} shards done ({res.seconds:.1f}s in the stages)"
         )
     timings["generate_s"] = round(time.perf_counter() - t0, 2)
     return num_shards

@@ -129,6 +129,37 @@ def plain_loop(scale: int, sample: int) -> dict:
     }
 
 
+def unet_batching_ceiling(reps: int = 20) -> dict:
+    """What batching alone can buy on this machine: the UNet's time per sample at the plain
+    loop's batch (2: one image with classifier-free guidance) and at the pipeline's generate batch
+    (2 x generate.batch_size). Generation is most of the work, so the ratio bounds the speedup over
+    the plain loop that batching can give here."""
+    from pipeline.inversion import encode_prompts
+
+    config = load_config(CONFIG)
+    torch.set_num_threads(2)
+    pipe, _ = load_pipeline(config.model, with_hash=False)
+    cond, _ = encode_prompts(pipe, ["a photo of the digit seven"])
+    shape = (pipe.unet.config.in_channels, *[pipe.unet.config.sample_size] * 2)
+    per_sample = {}
+    for batch in (2, 2 * config.generate.batch_size):
+        z, hidden = torch.randn(batch, *shape), cond.expand(batch, -1, -1).contiguous()
+        t = torch.tensor(500)
+        with torch.inference_mode():
+            for _ in range(3):  # warm-up
+                pipe.unet(z, t, encoder_hidden_states=hidden)
+            n = max(3, reps * 2 // batch)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                pipe.unet(z, t, encoder_hidden_states=hidden)
+        per_sample[batch] = (time.perf_counter() - t0) / n / batch * 1e3
+    small, big = per_sample.values()
+    return {
+        "unet_ms_per_sample": {str(b): round(v, 3) for b, v in per_sample.items()},
+        "batching_ceiling": small / big,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, default=10)
@@ -160,8 +191,10 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     one, big = rows
+    ceiling = unet_batching_ceiling()
     result = {
         "config": str(CONFIG),
+        **ceiling,
         "rows": rows,
         "overhead_ratio": one["overhead_ratio"],
         "overhead_ratio_10x": big["overhead_ratio"],
@@ -188,6 +221,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['plain_loop']['wall_s']:.1f} | {r['overhead_ratio']:.2f} | {r['speedup_vs_plain_loop']:.2f} | "
             f"{r['pipeline']['peak_rss_mb']:.0f} |"
         )
+    lines += [
+        "",
+        f"UNet time per sample: {ceiling['unet_ms_per_sample']} ms at batch {{plain loop, pipeline}}; "
+        f"batching alone can speed generation up by at most {ceiling['batching_ceiling']:.2f}x here.",
+    ]
     (args.out / "pipeline.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

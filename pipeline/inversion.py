@@ -172,7 +172,7 @@ def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Te
 
 def images_to_tensor(images: np.ndarray, device=None) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.require(images, requirements=("C", "W"))).permute(0, 3, 1, 2).float()
     return (x / 127.5 - 1.0).to(device)
 
 

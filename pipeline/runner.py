@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -101,17 +102,16 @@ class _UnitAdapter:
         self.threads = threads
         self._set_threads()
         self.stage = stage_cls(**stage_kwargs)
+        self._set_threads()
         self.node_id = _node_id()
 
     def _set_threads(self) -> None:
         """A fractional CPU reservation is bookkeeping only: bound torch's threads to it. Set per
-        call, since in-process stages share one torch."""
-        try:
-            import torch
-
+        call, since in-process stages share one torch; never imported here, so that a stage
+        without a model (the writer) stays a small process."""
+        torch = sys.modules.get("torch")
+        if torch is not None:
             torch.set_num_threads(self.threads)
-        except ImportError:
-            pass
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out_units, out_payloads, seconds, nodes = [], [], [], []
@@ -256,6 +256,7 @@ class RayRunner:
         if not units:
             return
         self.check_resources(stages)
+        free_before = self._free()
         items = [{"unit": u, "payload": pack(units[u])} for u in sorted(units)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         for stage in stages:
@@ -279,6 +280,26 @@ class RayRunner:
                 str(row["node_id"]),
                 float(row["seconds"]),
             )
+        self._await_release(free_before)
+
+    @staticmethod
+    def _free() -> dict[str, float]:
+        import ray
+
+        free = ray.available_resources()
+        return {name: float(free.get(name, 0.0)) for name in ("CPU", "GPU")}
+
+    def _await_release(self, before: dict[str, float], timeout_s: float = 5.0) -> None:
+        """Ray Data tears an execution's actor pools down asynchronously. The next execution's
+        pools would otherwise start while the old actors still hold their models: two models in
+        memory at once, and actors competing for the same CPUs. Wait until the resources that the
+        pools held are free again, for at most `timeout_s` (other jobs may have taken them)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            free = self._free()
+            if all(free[name] >= before[name] - 1e-6 for name in before):
+                return
+            time.sleep(0.05)
 
     def shutdown(self) -> None:
         import ray

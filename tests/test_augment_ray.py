@@ -98,3 +98,25 @@ def test_asking_for_more_gpus_than_the_cluster_has_says_so(
         match=r"invert.resources: 2 actor\(s\) x 1 GPU = 2 GPU, but the Ray cluster has 0",
     ):
         run(load_config(config, overrides))
+
+
+def test_runner_keeps_model_free_stages_small_and_frees_each_pool(ray_session):
+    """A stage that does not use torch runs in an actor that never imports it (the shard writer
+    stays a small process), and an execution's actor pool has given its CPUs back when `run`
+    returns, so that the next stage's pool never shares the machine with it."""
+    import numpy as np
+
+    from pipeline.runner import RayRunner, Resources, Stage
+
+    class Probe:  # defined here, so that Ray ships it by value
+        def __call__(self, batch):
+            import sys
+
+            return {"torch_loaded": np.asarray(["torch" in sys.modules])}
+
+    runner = RayRunner()  # joins the test session's Ray
+    stage = Stage("probe", Probe, {}, Resources(num_actors=2, num_cpus=0.5))
+    results = list(runner.run({0: {"x": np.zeros(1)}, 1: {"x": np.ones(1)}}, [stage]))
+    assert [bool(r.batch["torch_loaded"][0]) for r in results] == [False, False]
+    free = ray_session.available_resources().get("CPU", 0.0)
+    assert free == ray_session.cluster_resources()["CPU"]
