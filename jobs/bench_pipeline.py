@@ -6,7 +6,8 @@ Three ways to do the same work on the default config (`out/bench/pipeline.json`,
 3. plain loop: what a user would write: tailseed's solver one image at a time, then the stock
    diffusers pipeline one image at a time, no Ray. It is timed on a sample of images and
    extrapolated linearly (each image costs the same) rather than waited for at 10x.
-Each is measured at 1x and at `--scale` x the default number of generated images. Peak memory is
+Each is measured at 1x and at `--scale` x the default number of generated images, the pipeline
+also half-way between (is its time a straight line in the images?). Peak memory is
 the summed RSS of the whole process tree (the driver, Ray's processes and workers), sampled.
 """
 
@@ -191,6 +192,17 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     one, big = rows
+    # a middle scale, pipeline only: is the time a straight line in the number of images?
+    middle_scale = max(2, args.scale // 2)
+    middle = timed_run([f"select.quota={quota_for(middle_scale)}"])
+    points = [
+        (one["images"], one["pipeline"]["wall_s"]),
+        (middle["images"], middle["wall_s"]),
+        (big["images"], big["pipeline"]["wall_s"]),
+    ]
+    per_image = (points[2][1] - points[0][1]) / (points[2][0] - points[0][0])
+    fixed = points[0][1] - per_image * points[0][0]
+    predicted_middle = fixed + per_image * points[1][0]
     ceiling = unet_batching_ceiling()
     result = {
         "config": str(CONFIG),
@@ -205,6 +217,13 @@ def main(argv: list[str] | None = None) -> None:
         "memory_growth": big["pipeline"]["peak_rss_mb"] / one["pipeline"]["peak_rss_mb"],
         "time_per_image_1x_s": one["pipeline"]["wall_s"] / one["images"],
         "time_per_image_10x_s": big["pipeline"]["wall_s"] / big["images"],
+        "linearity": {
+            "points": [{"images": n, "wall_s": w} for n, w in points],
+            "fixed_s": fixed,
+            "per_image_s": per_image,
+            "middle_predicted_s": predicted_middle,
+            "middle_deviation": points[1][1] / predicted_middle - 1,
+        },
         "cpu_load_1min": psutil.getloadavg()[0],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -221,8 +240,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['plain_loop']['wall_s']:.1f} | {r['overhead_ratio']:.2f} | {r['speedup_vs_plain_loop']:.2f} | "
             f"{r['pipeline']['peak_rss_mb']:.0f} |"
         )
+    lin = result["linearity"]
     lines += [
         "",
+        f"Linearity: the line through 1x and {args.scale}x ({lin['fixed_s']:.1f} s + "
+        f"{lin['per_image_s']:.3f} s per image) predicts {lin['middle_predicted_s']:.1f} s at "
+        f"{points[1][0]} images; measured {points[1][1]:.1f} s ({lin['middle_deviation']:+.1%}).",
         f"UNet time per sample: {ceiling['unet_ms_per_sample']} ms at batch {{plain loop, pipeline}}; "
         f"batching alone can speed generation up by at most {ceiling['batching_ceiling']:.2f}x here.",
     ]
