@@ -1,4 +1,7 @@
-"""Generate: seeds -> images on model actors, in fixed batches within each shard."""
+"""Generate: seeds -> images on model actors, in fixed batches within each shard.
+
+PNG encoding is left to the writer, a separate actor, so that it overlaps with the next shard's
+model work instead of keeping the GPU waiting."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.images import encode_png
 from pipeline.inversion import InversionConfig, Inverter
 from pipeline.models import ModelSpec, load_pipeline
 from pipeline.runner import Resources
@@ -22,7 +24,7 @@ class GenerateConfig:
 
 class GenerateStage:
     """batch {key (N,), seed (N,C,h,w) float32, prompt (N,), ...} -> the batch without `seed`, plus
-    png (N,) bytes and ok (N,) bool.
+    image (N,H,W,3) uint8 and ok (N,) bool.
 
     N is one shard; the shard is generated in consecutive sub-batches of `batch_size`.
     A sample whose image comes out non-finite is marked not ok (counted, never written).
@@ -41,17 +43,17 @@ class GenerateStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seeds, prompts = batch["seed"], [str(p) for p in batch["prompt"]]
-        pngs, ok = [], []
+        images, ok = [], []
         for start in range(0, len(seeds), self.batch_size):
             stop = start + self.batch_size
             finite = np.isfinite(seeds[start:stop]).reshape(len(seeds[start:stop]), -1).all(axis=1)
-            images = self.inverter.generate(
-                seeds[start:stop], prompts[start:stop], self.guidance_scale, self.steps
+            images.append(
+                self.inverter.generate(
+                    seeds[start:stop], prompts[start:stop], self.guidance_scale, self.steps
+                )
             )
-            for image, good in zip(images, finite):
-                ok.append(bool(good))
-                pngs.append(encode_png(image) if good else b"")
+            ok.append(finite)
         passed = {
             k: v for k, v in batch.items() if k != "seed"
         }  # provenance travels on to the writer
-        return {**passed, "png": np.asarray(pngs, dtype=object), "ok": np.asarray(ok)}
+        return {**passed, "image": np.concatenate(images), "ok": np.concatenate(ok)}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.images import encode_png
 from pipeline.shards import write_shard
 
 
@@ -18,8 +19,9 @@ class ShardConfig:
 
 
 class WriteStage:
-    """batch {key, png (bytes), ok, cls (int), meta (JSON str), shard (int, all equal)} -> writes
-    `shards/NNNNN.tar` and `NNNNN_stats.json`; returns {shard, samples, skipped (JSON str)}."""
+    """batch {key, image (N,H,W,3) uint8, ok, cls (int), meta (JSON str), shard (int, all equal)}
+    -> PNG-encodes the images that are ok, writes `shards/NNNNN.tar` and `NNNNN_stats.json`;
+    returns {shard, samples, skipped (JSON str)}."""
 
     def __init__(self, shards_dir: str):
         self.shards_dir = Path(shards_dir)
@@ -27,8 +29,8 @@ class WriteStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shard = int(batch["shard"][0])
         samples, skipped = [], Counter()
-        for key, png, ok, cls, meta in zip(
-            batch["key"], batch["png"], batch["ok"], batch["cls"], batch["meta"]
+        for key, image, ok, cls, meta in zip(
+            batch["key"], batch["image"], batch["ok"], batch["cls"], batch["meta"]
         ):
             if not ok:
                 skipped["generation_failed"] += 1
@@ -36,7 +38,7 @@ class WriteStage:
             samples.append(
                 {
                     "__key__": str(key),
-                    "png": bytes(png),
+                    "png": encode_png(image),
                     "cls": str(int(cls)).encode(),
                     "json": str(meta).encode(),
                 }
