@@ -9,6 +9,7 @@ Three ways to do the same work on the default config (`out/bench/pipeline.json`,
 Each is measured at 1x and at `--scale` x the default number of generated images, the pipeline
 also half-way between (is its time a straight line in the images?). Peak memory is
 the summed RSS of the whole process tree (the driver, Ray's processes and workers), sampled.
+Also draws docs/pipeline_bench.png (`--plot-only` redraws it from out/bench/pipeline.json).
 """
 
 from __future__ import annotations
@@ -161,6 +162,55 @@ def unet_batching_ceiling(reps: int = 20) -> dict:
     }
 
 
+def plot(result: dict, path: Path) -> None:
+    """Wall time against generated images: pipeline, floor and plain loop; and each one's peak
+    memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    images = [r["images"] for r in rows]
+    fig, (ax, mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, label, style, color in (
+        ("plain_loop", "plain loop (extrapolated)", "s--", "C0"),
+        ("floor", "floor: same stages, one process", "^-", "C1"),
+        ("pipeline", "pipeline on Ray (incl. start-up)", "o-", "C2"),
+    ):
+        ax.plot(images, [r[name]["wall_s"] for r in rows], style, color=color, label=label)
+        if name != "plain_loop":
+            gib = [r[name]["peak_rss_mb"] / 1024 for r in rows]
+            mem.plot(images, gib, style, color=color, label=label)
+    lin = result.get("linearity")
+    if lin:
+        middle = lin["points"][1]
+        ax.plot(
+            [middle["images"]],
+            [middle["wall_s"]],
+            "o",
+            color="C2",
+            mfc="none",
+            label="pipeline, middle scale",
+        )
+    ax.set_xlabel("generated images")
+    ax.set_ylabel("wall time (s)")
+    ax.set_title("time: the pipeline against its floor and a plain loop")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    mem.set_xlabel("generated images")
+    mem.set_ylabel("peak RSS of the process tree (GiB)")
+    mem.legend(fontsize=8)
+    mem.set_ylim(bottom=0)
+    mem.set_title("memory")
+    mem.grid(alpha=0.3)
+    fig.suptitle(f"make augment's pipeline on {result['config']} (2 CPU cores, no GPU)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, default=10)
@@ -168,7 +218,14 @@ def main(argv: list[str] | None = None) -> None:
         "--plain-sample", type=int, default=4, help="images timed in the plain loop"
     )
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw the picture from OUT/pipeline.json"
+    )
+    parser.add_argument("--picture", type=Path, default=Path("docs/pipeline_bench.png"))
     args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads((args.out / "pipeline.json").read_text()), args.picture)
+        return
     rows = []
     for scale in (1, args.scale):
         quota = f"select.quota={quota_for(scale)}"
@@ -228,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipeline.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.picture)
     lines = [
         "| scale | images | pipeline (Ray) s | start-up s | floor (no Ray) s | plain loop s | overhead ratio | "
         "speedup vs plain | peak RSS MB (pipeline) |",
