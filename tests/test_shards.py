@@ -75,3 +75,12 @@ def test_pack_roundtrip_keeps_bytes_and_strings():
     out = unpack(pack(batch))
     assert list(out["key"]) == ["a", "b"] and list(out["png"]) == [b"\x00x\x00", b""]
     assert np.array_equal(out["seed"], batch["seed"])
+
+
+def test_the_writer_stage_does_not_import_torch():
+    """The writer actor stays a small process: neither it nor the runner pulls in torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, stages.write, pipeline.runner; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
