@@ -50,6 +50,26 @@ def _submit_with_retry(client, command: str, runtime_env: dict, wait_s: float = 
             time.sleep(2)
 
 
+def check_cluster_paths(cfg, dry_run: bool) -> None:
+    """A Ray job runs in a temporary copy of this repository on the cluster: a relative output
+    folder would land in that copy (deleted by Ray, out of other nodes' reach) and a relative
+    dataset path would point into it (where `data/` is not shipped). Refuse both before submitting."""
+    out = cfg.out()
+    if not dry_run and not out.is_absolute():
+        raise UserError(
+            f"output_dir {str(out)!r} is relative, but a Ray job runs in a temporary copy of the "
+            f"repository on the cluster, where the shards would be lost: set output_dir to an "
+            f"absolute path on storage that every node can write "
+            f"(--set output_dir=/shared/tailseed/{cfg.name})"
+        )
+    if not Path(cfg.dataset.path).is_absolute() and not cfg.dataset.materialize:
+        raise UserError(
+            f"dataset.path {cfg.dataset.path!r} is relative, but a Ray job runs in a temporary "
+            f"copy of the repository on the cluster, without data/: set it to an absolute path "
+            f"that every node can read"
+        )
+
+
 def submit(config: Path, overrides: list[str], address: str, dry_run: bool = False) -> int:
     """Submit, stream the job's log here, and return 0 if the job succeeded."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -61,6 +81,7 @@ def submit(config: Path, overrides: list[str], address: str, dry_run: bool = Fal
         raise UserError(
             f"config {config}: must live inside the repository ({REPO}) to travel with the job"
         )
+    check_cluster_paths(cfg, dry_run)
     try:
         client = JobSubmissionClient(address)
     except Exception as exc:  # noqa: BLE001 - any failure to reach the job server is reported the same way

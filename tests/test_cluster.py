@@ -295,6 +295,8 @@ def test_unreachable_address_fails_fast_and_names_it(tmp_path):
             "augment",
             "--config",
             "configs/default.yaml",
+            "--set",
+            f"output_dir={tmp_path / 'out'}",
             "--ray-address",
             f"http://127.0.0.1:{port}",
         ],
@@ -305,3 +307,27 @@ def test_unreachable_address_fails_fast_and_names_it(tmp_path):
     )
     assert result.returncode == 2
     assert f"http://127.0.0.1:{port}" in result.stderr and "no Ray job server" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ([], "output_dir 'out/default' is relative"),
+        (["output_dir=/tmp/x", "dataset.materialize=''", "dataset.path=my/data"], "dataset.path"),
+    ],
+)
+def test_relative_paths_are_refused_before_submitting(overrides, named):
+    """A job runs in a temporary copy of the repository on the cluster: relative output and
+    dataset paths would point into it. Refused before any job server is contacted (the address
+    below has none)."""
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    result = subprocess.run(
+        [str(VENV_BIN / "tailseed"), "augment", "--config", "configs/default.yaml", *sets]
+        + ["--ray-address", f"http://127.0.0.1:{free_port()}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr and "no Ray job server" not in result.stderr
