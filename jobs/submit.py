@@ -62,6 +62,12 @@ def check_cluster_paths(cfg, dry_run: bool) -> None:
             f"absolute path on storage that every node can write "
             f"(--set output_dir=/shared/tailseed/{cfg.name})"
         )
+    model = Path(cfg.model.path)
+    if not model.is_absolute() and model.exists() and not model.resolve().is_relative_to(REPO):
+        raise UserError(
+            f"model.path {cfg.model.path!r} is a relative path outside the repository, which the "
+            f"job does not carry: give an absolute path that every node can read, or a hub id"
+        )
     if not Path(cfg.dataset.path).is_absolute() and not cfg.dataset.materialize:
         raise UserError(
             f"dataset.path {cfg.dataset.path!r} is relative, but a Ray job runs in a temporary "

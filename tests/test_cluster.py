@@ -314,12 +314,18 @@ def test_unreachable_address_fails_fast_and_names_it(tmp_path):
     [
         ([], "output_dir 'out/default' is relative"),
         (["output_dir=/tmp/x", "dataset.materialize=''", "dataset.path=my/data"], "dataset.path"),
+        (["output_dir=/tmp/x", "model.path=MODEL_OUTSIDE_THE_REPO"], "model.path"),
     ],
 )
-def test_relative_paths_are_refused_before_submitting(overrides, named):
+def test_relative_paths_are_refused_before_submitting(overrides, named, tmp_path):
     """A job runs in a temporary copy of the repository on the cluster: relative output and
     dataset paths would point into it. Refused before any job server is contacted (the address
     below has none)."""
+    outside = tmp_path / "my-model"  # a local model folder that the job would not carry
+    outside.mkdir()
+    overrides = [
+        o.replace("MODEL_OUTSIDE_THE_REPO", os.path.relpath(outside, REPO)) for o in overrides
+    ]
     sets = [arg for item in overrides for arg in ("--set", item)]
     result = subprocess.run(
         [str(VENV_BIN / "tailseed"), "augment", "--config", "configs/default.yaml", *sets]
