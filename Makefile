@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 RAY_ADDRESS ?=
+SET ?=
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
@@ -28,7 +29,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 augment: $(STAMP)
-	$(VENV)/bin/tailseed augment --config $(CONFIG) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS),)
+	$(VENV)/bin/tailseed augment --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS),)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -59,8 +59,8 @@ def check_cluster_paths(cfg, dry_run: bool) -> None:
         raise UserError(
             f"output_dir {str(out)!r} is relative, but a Ray job runs in a temporary copy of the "
             f"repository on the cluster, where the shards would be lost: set output_dir to an "
-            f"absolute path on storage that every node can write "
-            f"(--set output_dir=/shared/tailseed/{cfg.name})"
+            f"absolute path on storage that every node can write (in the config, or "
+            f"make augment SET=output_dir=/shared/tailseed/{cfg.name})"
         )
     model = Path(cfg.model.path)
     if not model.is_absolute() and model.exists() and not model.resolve().is_relative_to(REPO):
