@@ -204,10 +204,13 @@ def test_submitted_job_runs_on_both_nodes(cluster, tmp_path):
     assert len(list((out / "shards").glob("*_stats.json"))) == 4
 
 
-def test_worker_node_killed_mid_run_then_resume(cluster, tmp_path):
-    """Kill a whole worker node while it is half way through writing a shard; a replacement node
-    joins. Whether the job finishes on its own or fails, a rerun of the same command ends with
-    every shard complete, nothing lost or duplicated, and bytes equal to an uninterrupted run."""
+@pytest.mark.parametrize("after_kill", ["replace_node", "stop_job"])
+def test_worker_node_killed_mid_run_then_resume(cluster, tmp_path, after_kill):
+    """Kill a whole worker node while it is half way through writing a shard. Then either a
+    replacement node joins while the job goes on ("replace_node": Ray may restart the lost actors
+    there and finish), or the job is stopped at once ("stop_job": the run is left unfinished, and
+    only the rerun can complete it). Either way a rerun of the same command ends with every shard
+    complete, nothing lost or duplicated, and bytes equal to an uninterrupted run."""
     from jobs.augment import load_config, run
 
     out = tmp_path / "out"
@@ -237,28 +240,24 @@ def test_worker_node_killed_mid_run_then_resume(cluster, tmp_path):
         done_at_kill = len(list(shards.glob("*_stats.json")))
         cluster.kill(doomed)
         assert done_at_kill < 4, "the run had finished before the node was killed"
+        if after_kill == "stop_job":
+            stop_jobs(cluster, tmp_path / "make1.log")
+            proc.wait(timeout=120)
+            assert proc.returncode != 0  # the job ended STOPPED, and make says so
+            assert len(list(shards.glob("*_stats.json"))) < 4  # work is left for the rerun
         cluster.worker = cluster.start_worker("replacement")
         try:
             proc.wait(timeout=300)  # Ray may restart the actor on the new node, or give up
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            subprocess.run(
-                [
-                    cluster.ray,
-                    "job",
-                    "stop",
-                    "--address",
-                    cluster.address,
-                    *submitted(tmp_path / "make1.log"),
-                ],
-                env=cluster.env,
-                capture_output=True,
-            )
+            stop_jobs(cluster, tmp_path / "make1.log")
         cluster.wait_for_nodes(2)
         again = make_augment(path, cluster, tmp_path / "make2.log")
         again.wait(timeout=600)
         log2 = (tmp_path / "make2.log").read_text()
         assert again.returncode == 0, log2[-6000:]
+        if after_kill == "stop_job":
+            assert "written" in log2  # the rerun did the work that the stopped job left
 
         keys = shard_keys(shards)
         assert len(keys) == 16 == len(set(keys))
@@ -276,6 +275,17 @@ def test_worker_node_killed_mid_run_then_resume(cluster, tmp_path):
             )
     finally:
         path.unlink()
+
+
+def stop_jobs(cluster: Cluster, log: Path) -> None:
+    """`ray job stop` for every job that `make augment` reported submitting to `log`."""
+    for job_id in submitted(log):
+        subprocess.run(
+            [cluster.ray, "job", "stop", "--address", cluster.address, job_id],
+            env=cluster.env,
+            capture_output=True,
+            timeout=120,
+        )
 
 
 def submitted(log: Path) -> list[str]:
