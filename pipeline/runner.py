@@ -102,7 +102,6 @@ class _UnitAdapter:
         self.threads = threads
         self._set_threads()
         self.stage = stage_cls(**stage_kwargs)
-        self._set_threads()
         self.node_id = _node_id()
 
     def _set_threads(self) -> None:
@@ -114,6 +113,7 @@ class _UnitAdapter:
             torch.set_num_threads(self.threads)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._set_threads()
         out_units, out_payloads, seconds, nodes = [], [], [], []
         earlier_nodes = rows.get("node_id", [""] * len(rows["unit"]))
         earlier_seconds = rows.get("seconds", [0.0] * len(rows["unit"]))

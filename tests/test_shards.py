@@ -84,3 +84,30 @@ def test_the_writer_stage_does_not_import_torch():
 
     code = "import sys, stages.write, pipeline.runner; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+class _ThreadProbe:  # module level: the in-process runner needs no pickling
+    def __call__(self, batch):
+        import torch
+
+        return {"threads": np.asarray([torch.get_num_threads()])}
+
+
+class _PassThrough:
+    def __call__(self, batch):
+        return batch
+
+
+def test_in_process_stages_each_run_with_their_own_threads():
+    """Stages that share one process (the in-process runner, the benchmarks' floor) each run with
+    the torch threads their resources give them, whatever the stage built after them set."""
+    import torch  # noqa: F401 - the probe's threads are torch's
+
+    from pipeline.runner import LocalRunner, Resources, Stage
+
+    stages = [
+        Stage("model", _ThreadProbe, {}, Resources(num_cpus=1.5)),
+        Stage("writer", _PassThrough, {}, Resources(num_cpus=0.25)),
+    ]
+    (result,) = list(LocalRunner().run({0: {"x": np.zeros(1)}}, stages))
+    assert int(result.batch["threads"][0]) == 2
