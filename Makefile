@@ -35,20 +35,20 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m jobs.bench
+	$(PY) -m research.bench
 
 eval: $(STAMP)
-	$(PY) -m jobs.evaluate
+	$(PY) -m research.evaluate
 
 tiny-model: $(STAMP)
-	$(PY) -m jobs.train_tiny_model --out models/tiny-digits
+	$(PY) -m research.train_tiny_model --out models/tiny-digits
 
 gpu-check: $(STAMP)
-	$(PY) -m jobs.gpu_check
+	$(PY) -m research.gpu_check
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline stages jobs tests
-	$(VENV)/bin/ruff format --check pipeline stages jobs tests
+	$(VENV)/bin/ruff check pipeline stages jobs research tests
+	$(VENV)/bin/ruff format --check pipeline stages jobs research tests
 
 clean:
 	rm -rf out data

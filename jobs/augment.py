@@ -129,7 +129,7 @@ def make_plan(config: AugmentConfig) -> Plan:
 
 def materialize_embedded(path: Path, model: dict) -> None:
     """Write the embedded digits dataset (user split, and the test split beside it) if missing."""
-    from pipeline.digits import materialize
+    from pipeline.embedded import materialize
 
     card = model["card"]
     if "split_indices" not in card:

@@ -35,7 +35,7 @@ DIVERGED_RESIDUAL = 1e3
 
 @dataclass(frozen=True)
 class InversionConfig:
-    """How to invert. Defaults are the ones the benchmark (`jobs/bench_inversion.py`) supports."""
+    """How to invert. Defaults are the ones the benchmark (`research/bench_inversion.py`) supports."""
 
     # "ddim" | "fixed_point" | "anderson"; Anderson reaches the tolerance in the fewest NFE
     method: str = "anderson"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.tiny_model import ComponentSpec
+from research.tiny_model import ComponentSpec
 
 # A Stable-Diffusion-shaped model small enough to run a step in milliseconds: 16x16 px, 8x8 latents.
 TINY_SPEC = ComponentSpec(

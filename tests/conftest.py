@@ -20,7 +20,7 @@ from augment_helpers import TINY_SPEC  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.models import EMBEDDED_MODEL  # noqa: E402
-from pipeline.tiny_model import assemble_pipeline, build_components  # noqa: E402
+from research.tiny_model import assemble_pipeline, build_components  # noqa: E402
 
 TINY_WORDS = "a photo of the digit zero one two three four five six seven eight nine".split()
 

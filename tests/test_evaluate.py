@@ -12,7 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.evaluate import (
+from pipeline.shards import write_index, write_shard
+from research.classifier import (
+    ClassicAugment,
+    TrainRecipe,
+    oversample,
+    predict,
+    train_classifier,
+)
+from research.digits import DigitsSplit, load_digits_arrays, render, split_indices
+from research.evaluate import (
     Data,
     Variant,
     accuracies,
@@ -23,15 +32,6 @@ from jobs.evaluate import (
     targets,
     walk_kind,
 )
-from pipeline.classifier import (
-    ClassicAugment,
-    TrainRecipe,
-    oversample,
-    predict,
-    train_classifier,
-)
-from pipeline.digits import DigitsSplit, load_digits_arrays, render, split_indices
-from pipeline.shards import write_index, write_shard
 
 
 def bars(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +173,7 @@ def test_image_folder_maps_digit_words_to_labels(tmp_path):
 
 
 class ConstantJudge:
-    """Says every image is `digit` (the SVC itself is pipeline/judge.py's concern)."""
+    """Says every image is `digit` (the SVC itself is research/judge.py's concern)."""
 
     def __init__(self, digit: int):
         self.digit = digit

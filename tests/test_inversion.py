@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline import inversion as inv
-from pipeline.digits import load_digits_arrays, render
+from research.digits import load_digits_arrays, render
 
 PROMPT = "a photo of the digit one"
 
@@ -21,7 +21,7 @@ def _random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def _digits(n: int, offset: int = 0) -> tuple[np.ndarray, list[str]]:
     """n real digits (32x32 RGB uint8) from the bundled set, with their prompts."""
-    from pipeline.digits import CLASS_NAMES
+    from research.digits import CLASS_NAMES
 
     images8, labels = load_digits_arrays()
     idx = range(1500 + offset, 1500 + offset + n)  # far from any split's first entries
@@ -64,7 +64,7 @@ def test_schedule_follows_the_diffusers_scheduler(tiny_pipe):
 
 
 def test_ddim_inversion_matches_diffusers_inverse_scheduler(tiny_pipe):
-    from pipeline.inversion_peers import ddim_invert_diffusers
+    from research.inversion_peers import ddim_invert_diffusers
 
     z0, cond, uncond = _latents(tiny_pipe, _random_images(2, 16), [PROMPT] * 2)
     eps_fn = inv.GuidedEps(tiny_pipe.unet, cond, uncond, 1.0)

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from pipeline import inversion as inv
-from pipeline import inversion_peers as peers
-from pipeline.digits import CLASS_NAMES, load_digits_arrays, render
+from research import inversion_peers as peers
+from research.digits import CLASS_NAMES, load_digits_arrays, render
 
 PROMPT = "a photo of the digit one"
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from augment_helpers import TINY_SPEC
 
-from jobs.train_tiny_model import TrainConfig, train
-from pipeline.digits import DigitsSplit, load_digits_arrays, materialize, split_indices
+from pipeline.embedded import materialize
 from pipeline.errors import UserError
 from pipeline.models import EMBEDDED_MODEL, ModelSpec, describe_model, load_pipeline, read_card
+from research.digits import DigitsSplit, load_digits_arrays, split_indices
+from research.train_tiny_model import TrainConfig, train
 
 
 def test_training_job_runs_and_saves_a_loadable_pipeline(tmp_path):

@@ -10,15 +10,15 @@ import time
 # about 3 minutes on 2 cores; without it the picture goes to out/bench/, so that the committed
 # docs/ picture, which shows the sweep, is not replaced by one that lacks it)
 BENCHMARKS = {
-    "jobs.bench_inversion": ["--no-sweep", "--plot", "out/bench/inversion_rmse_vs_nfe.png"],
-    "jobs.bench_seeds": [],
-    "jobs.bench_pipeline": [],
+    "research.bench_inversion": ["--no-sweep", "--plot", "out/bench/inversion_rmse_vs_nfe.png"],
+    "research.bench_seeds": [],
+    "research.bench_pipeline": [],
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     names = (
-        [n if n.startswith("jobs.") else f"jobs.bench_{n}" for n in argv]
+        [n if n.startswith("research.") else f"research.bench_{n}" for n in argv]
         if argv
         else list(BENCHMARKS)
     )

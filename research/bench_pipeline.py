@@ -95,7 +95,7 @@ def plain_loop(scale: int, sample: int) -> dict:
         inverter = Inverter(
             pipe, InversionConfig(**json.loads(json.dumps(config.invert.solver.__dict__)))
         )
-        from pipeline.digits import DigitsSplit, load_digits_arrays, render, split_indices
+        from research.digits import DigitsSplit, load_digits_arrays, render, split_indices
 
         images8, labels = load_digits_arrays()
         user = [i for i in split_indices(labels, DigitsSplit())["user"] if labels[i] in (4, 7)][

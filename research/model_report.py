@@ -1,6 +1,6 @@
 """Judge the embedded model from plain prompts: per-class recognition, and near-copies of the tail.
 
-`python -m jobs.model_report` writes out/model_report/report.json and .md, and the contact sheet
+`python -m research.model_report` writes out/model_report/report.json and .md, and the contact sheet
 docs/tiny_digits_prompts.png. It uses the stock `StableDiffusionPipeline` call with the card's
 guidance and steps, so what it measures is what a user of the model alone would get.
 """
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from pipeline.contact import grid, labelled
-from pipeline.digits import DigitsSplit, load_digits_arrays, to_digit_space
-from pipeline.judge import near_copy_threshold, nearest_distances, train_judge
 from pipeline.models import EMBEDDED_MODEL, ModelSpec, load_pipeline
+from research.digits import DigitsSplit, load_digits_arrays, to_digit_space
+from research.judge import near_copy_threshold, nearest_distances, train_judge
 
 
 def generate_per_class(pipe, card: dict, per_class: int, seed: int) -> dict[int, np.ndarray]:

@@ -11,7 +11,7 @@ Evidence for issue 4, on this machine:
 4. Images generated along lerp, slerp and NAO paths between two real images of a tail class.
 
 Writes out/bench/seeds.json, out/bench/seeds.md, docs/seed_norms.png and docs/seed_walks.png.
-    python -m jobs.bench_seeds [--pairs 256] [--reference-sample 3] [--points 32] [--threads 1]
+    python -m research.bench_seeds [--pairs 256] [--reference-sample 3] [--points 32] [--threads 1]
                                [--model models/tiny-digits]
 """
 
@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from pipeline import inversion as inv
-from pipeline.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays, render
 from pipeline.models import EMBEDDED_MODEL, REPO_ROOT, ModelSpec, load_pipeline
 from pipeline.seed_space import (
     NaoConfig,
@@ -43,6 +42,7 @@ from pipeline.seed_space import (
     point_at,
     slerp,
 )
+from research.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays, render
 
 SD_SHAPE = (4, 64, 64)  # Stable Diffusion 1.x / 2.x-base latent seeds
 BAND_MASS = 0.99  # the prior's typical band: the central 99% of chi_dim
@@ -351,7 +351,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Seed space benchmark",
         "",
-        f"`python -m jobs.bench_seeds` on {report['meta']['machine']}, torch threads "
+        f"`python -m research.bench_seeds` on {report['meta']['machine']}, torch threads "
         f"{report['meta']['threads']}, {tm['points_per_path']} points per path, stop rule "
         f"{report['meta']['stop_rule']}. Load average (1 min) at start "
         f"{report['meta']['load_average_at_start']:.1f}, at end "

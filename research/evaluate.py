@@ -1,6 +1,6 @@
 """The downstream evaluation: does training on tailseed's images recognise the rare classes better?
 
-`python -m jobs.evaluate` (what `make eval` runs) trains the small CNN of `pipeline/classifier.py`
+`python -m research.evaluate` (what `make eval` runs) trains the small CNN of `research/classifier.py`
 on the embedded user's dataset (read from its PNG folders) plus the same number of added images per
 rare class from each variant, over several training seeds, and tests it on the balanced held-out
 test split. Variants: real data only; oversampling; classic augmentation; plain prompts (no
@@ -32,9 +32,11 @@ from PIL import Image
 
 from jobs.augment import AugmentConfig, code_hash, load_config, output_hash
 from jobs.augment import run as run_augment
-from pipeline.classifier import ClassicAugment, TrainRecipe, oversample, predict, train_classifier
 from pipeline.contact import grid, labelled
-from pipeline.digits import (
+from pipeline.errors import UserError
+from pipeline.models import describe_model
+from research.classifier import ClassicAugment, TrainRecipe, oversample, predict, train_classifier
+from research.digits import (
     CLASS_NAMES,
     DigitsSplit,
     load_digits_arrays,
@@ -42,9 +44,7 @@ from pipeline.digits import (
     split_indices,
     to_digit_space,
 )
-from pipeline.errors import UserError
-from pipeline.judge import near_copy_threshold, nearest_distances, train_judge
-from pipeline.models import describe_model
+from research.judge import near_copy_threshold, nearest_distances, train_judge
 
 TRAINING_SEEDS = 5  # the issue asks for at least 5
 NEAR_COPY_PERCENTILE = 1.0  # fixed by the issue before measuring
@@ -681,7 +681,7 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.evaluate", description=__doc__.splitlines()[0]
+        prog="python -m research.evaluate", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
     parser.add_argument("--out", type=Path, default=Path("out/eval"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.svm import SVC
 
-from pipeline.digits import DigitsSplit, load_digits_arrays, split_indices, to_digit_space
+from research.digits import DigitsSplit, load_digits_arrays, split_indices, to_digit_space
 
 
 @dataclass

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays, render, split_indices
-from pipeline.tiny_model import ComponentSpec, assemble_pipeline, build_components
+from research.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays, render, split_indices
+from research.tiny_model import ComponentSpec, assemble_pipeline, build_components
 
 PROMPT_TEMPLATE = "a photo of the digit {}"
 

@@ -10,7 +10,7 @@ round trip, null-text against DDIM at guidance 7.5).
 
 Writes out/bench/inversion.json (a list of rows), out/bench/inversion_sweep.json,
 out/bench/inversion.md (tables and the targets) and docs/inversion_rmse_vs_nfe.png.
-    python -m jobs.bench_inversion [--images 32] [--null-text-images 8] [--threads 2]
+    python -m research.bench_inversion [--images 32] [--null-text-images 8] [--threads 2]
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from pipeline import inversion as inv
-from pipeline import inversion_peers as peers
-from pipeline.digits import CLASS_NAMES, load_digits_arrays, render
 from pipeline.models import EMBEDDED_MODEL, REPO_ROOT, ModelSpec, load_pipeline
+from research import inversion_peers as peers
+from research.digits import CLASS_NAMES, load_digits_arrays, render
 
 PAPER_FIXED_ITERS = 20  # the fixed-point paper's public code: 20 iterations at every step
 GUIDANCES = (1.0, 2.0)  # no guidance, and the paper's guidance for real images

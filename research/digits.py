@@ -1,15 +1,15 @@
-"""The embedded dataset: scikit-learn's bundled digits, split three ways and rendered as 32x32 RGB."""
+"""How the embedded benchmark splits scikit-learn's bundled digits (model, user, test, spare), and
+the 8x8 digit space the evaluation's judge works in."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-IMAGE_SIZE = 32
+# the rendering and the class names are the product's; research code takes them from here too
+from pipeline.embedded import CLASS_NAMES, IMAGE_SIZE, load_digits_arrays, render  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -22,14 +22,6 @@ class DigitsSplit:
     user_head_per_class: int = 40  # the user's dataset: head classes
     user_tail_per_class: int = 10  # the user's dataset: few-shot tail classes, unseen by the model
     model_tail_per_class: int = 3  # the model's own training images of each tail class
-
-
-def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """All 1797 bundled digits: images (N, 8, 8) float in [0, 16] and labels (N,) int."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return digits.images.astype(np.float32), digits.target.astype(np.int64)
 
 
 def split_indices(labels: np.ndarray, split: DigitsSplit) -> dict[str, list[int]]:
@@ -56,12 +48,6 @@ def split_indices(labels: np.ndarray, split: DigitsSplit) -> dict[str, list[int]
     return {k: sorted(v) for k, v in out.items()}
 
 
-def render(image8: np.ndarray) -> Image.Image:
-    """One 8x8 digit in [0, 16] as a 32x32 RGB PIL image (white ink on black, bicubic upsampling)."""
-    gray = Image.fromarray(np.clip(image8 * (255.0 / 16.0), 0, 255).astype(np.uint8), mode="L")
-    return gray.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC).convert("RGB")
-
-
 def to_digit_space(images: np.ndarray) -> np.ndarray:
     """RGB images (N, H, W, 3) uint8 -> scikit-learn's 8x8 digit space (N, 64) float in [0, 16]."""
     out = []
@@ -69,26 +55,3 @@ def to_digit_space(images: np.ndarray) -> np.ndarray:
         gray = Image.fromarray(img).convert("L").resize((8, 8), Image.Resampling.BOX)
         out.append(np.asarray(gray, dtype=np.float32).reshape(-1) * (16.0 / 255.0))
     return np.stack(out) if out else np.zeros((0, 64), np.float32)
-
-
-def materialize(root: Path, split_indices_by_name: dict[str, list[int]]) -> dict[str, Path]:
-    """Write the user's dataset and the test split as ImageFolders of PNGs under `root`.
-
-    `root/user/<class name>/<digit index>.png` is the dataset that the default run augments;
-    `root/test/...` is the balanced held-out split that only evaluation reads. A marker file
-    written last makes a rerun skip the work (and a half-written folder get redone).
-    """
-    images8, labels = load_digits_arrays()
-    folders = {}
-    for split in ("user", "test"):
-        folder = root / split
-        folders[split] = folder
-        marker = folder / ".complete"
-        if marker.is_file():
-            continue
-        for index in split_indices_by_name[split]:
-            class_dir = folder / CLASS_NAMES[labels[index]]
-            class_dir.mkdir(parents=True, exist_ok=True)
-            render(images8[index]).save(class_dir / f"{index:04d}.png", format="PNG")
-        marker.write_text("ok\n")
-    return folders

@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from pipeline.tokenizer import build_clip_tokenizer
+from research.tokenizer import build_clip_tokenizer
 
 
 @dataclass(frozen=True)
