@@ -1,6 +1,7 @@
 """An independent judge of generated digits: an SVC on scikit-learn's 8x8 digit space.
 
-It never sees the test split, and it is a different kind of model from the diffusion model and
+It never sees the held-out images (the test split, and the spare tail images where the split holds
+them out as extra test images), and it is a different kind of model from the diffusion model and
 from the CNN that evaluation trains, so it cannot share their blind spots by construction.
 """
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.svm import SVC
 
-from research.digits import DigitsSplit, load_digits_arrays, split_indices, to_digit_space
+from research.digits import DigitsSplit, held_out_indices, load_digits_arrays, to_digit_space
 
 
 @dataclass
@@ -25,11 +26,11 @@ class Judge:
 
 
 def train_judge(split: DigitsSplit | None = None) -> Judge:
-    """An RBF SVC on every digit outside the test split (gamma as in scikit-learn's digits example)."""
+    """An RBF SVC on every digit outside the held-out images (gamma as in scikit-learn's digits
+    example): the test split, and the spare tail images when `split.spare_is_test`."""
     images8, labels = load_digits_arrays()
-    splits = split_indices(labels, split or DigitsSplit())
-    test = set(splits["test"])
-    train = np.asarray([i for i in range(len(labels)) if i not in test])
+    held_out = held_out_indices(labels, split or DigitsSplit())
+    train = np.asarray([i for i in range(len(labels)) if i not in held_out])
     model = SVC(gamma=0.001, C=10.0).fit(images8[train].reshape(len(train), -1), labels[train])
     return Judge(model, len(train))
 

@@ -3,6 +3,10 @@
 Two phases on the model's training split only: (1) an AutoencoderKL on 32x32 digits, (2) the
 UNet and the CLIP text encoder on the VAE's latents with classifier-free-guidance prompt dropout.
 The result is a stock `StableDiffusionPipeline` folder plus `tailseed_card.json`.
+
+Two regimes (`--regime`): "never-seen" (the default, models/tiny-digits: 3 training images of each
+tail class, all named in their captions) and "seen" (models/tiny-digits-seen: 100 images of each
+tail class, of which only 3 have a caption naming the class; the rest say "a photo of a digit").
 """
 
 from __future__ import annotations
@@ -18,10 +22,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from research.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays, render, split_indices
+from research.digits import (
+    CLASS_NAMES,
+    REGIME_SPLITS,
+    DigitsSplit,
+    load_digits_arrays,
+    render,
+    split_indices,
+    tail_named_indices,
+)
 from research.tiny_model import ComponentSpec, assemble_pipeline, build_components
 
 PROMPT_TEMPLATE = "a photo of the digit {}"
+GENERIC_CAPTION = "a photo of a digit"  # the seen regime's caption of unnamed tail images
+MODEL_NAMES = {"never-seen": "tiny-digits", "seen": "tiny-digits-seen"}
+# Every caption word is one token. The tokenizer sorts and dedups its words, so this gives the same
+# tokenizer as the first model's list (the template's words and the class names).
+CAPTION_WORDS = PROMPT_TEMPLATE.format("").split() + CLASS_NAMES + GENERIC_CAPTION.split()
+DEFAULT_OUT = {"never-seen": Path("models/tiny-digits"), "seen": Path("models/tiny-digits-seen")}
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,36 @@ class TrainConfig:
     num_inference_steps: int = 25  # recommended DDIM steps
     spec: ComponentSpec = field(default_factory=ComponentSpec)
     split: DigitsSplit = field(default_factory=DigitsSplit)
+    regime: str = "never-seen"  # names the model and its card; the split says what it holds
+
+
+def regime_config(regime: str, **overrides) -> TrainConfig:
+    """The training config of a regime: its split (research.digits.REGIME_SPLITS), the rest as given."""
+    if regime not in REGIME_SPLITS:
+        raise ValueError(f"unknown regime {regime!r}; use one of {sorted(REGIME_SPLITS)}")
+    return TrainConfig(regime=regime, split=REGIME_SPLITS[regime], **overrides)
+
+
+def captions(labels: np.ndarray, train_idx: np.ndarray, split: DigitsSplit) -> list[str]:
+    """The caption of each model training image: head images and the named tail images say
+    "a photo of the digit <name>"; the other tail images (seen regime) say "a photo of a digit"."""
+    named = set(tail_named_indices(labels, split))
+    return [
+        PROMPT_TEMPLATE.format(CLASS_NAMES[labels[i]])
+        if labels[i] not in split.tail_classes or i in named
+        else GENERIC_CAPTION
+        for i in train_idx.tolist()
+    ]
+
+
+def caption_counts(labels: np.ndarray, train_idx: np.ndarray, prompts: list[str]) -> dict:
+    """Per class (by name), how many training captions name the class and how many are generic."""
+    out = {}
+    for c, name in enumerate(CLASS_NAMES):
+        mine = [p for i, p in zip(train_idx.tolist(), prompts) if labels[i] == c]
+        named = sum(p == PROMPT_TEMPLATE.format(name) for p in mine)
+        out[name] = {"named": named, "generic": len(mine) - named}
+    return out
 
 
 def _images_tensor(images8: np.ndarray) -> torch.Tensor:
@@ -138,9 +186,9 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     splits = split_indices(labels, cfg.split)
     train_idx = np.asarray(splits["model_train"])
     images = _images_tensor(images8[train_idx])
-    prompts = [PROMPT_TEMPLATE.format(CLASS_NAMES[c]) for c in labels[train_idx]]
-    words = PROMPT_TEMPLATE.format("").split() + CLASS_NAMES
-    components = build_components(cfg.spec, words, seed=cfg.seed)
+    prompts = captions(labels, train_idx, cfg.split)
+    assert {w for p in prompts for w in p.split()} <= set(CAPTION_WORDS)
+    components = build_components(cfg.spec, CAPTION_WORDS, seed=cfg.seed)
 
     t0 = time.time()
     components["vae"].train()
@@ -157,11 +205,21 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     assemble_pipeline(components).save_pretrained(out_dir, safe_serialization=True)
     card = {
-        "name": "tiny-digits",
+        "name": MODEL_NAMES[cfg.regime],
+        "regime": cfg.regime,
         "class_names": CLASS_NAMES,
         "train_counts": np.bincount(labels[train_idx], minlength=len(CLASS_NAMES)).tolist(),
         "tail_classes": [CLASS_NAMES[c] for c in cfg.split.tail_classes],
         "prompt_template": PROMPT_TEMPLATE,
+        "captions": {
+            "scheme": (
+                "head classes and the named tail images: prompt_template with the class name;"
+                " the other tail images: generic_caption"
+            ),
+            "generic_caption": GENERIC_CAPTION,
+            "per_class": caption_counts(labels, train_idx, prompts),
+            "named_tail_indices": tail_named_indices(labels, cfg.split),
+        },
         "guidance_scale": cfg.guidance_scale,
         "num_inference_steps": cfg.num_inference_steps,
         "image_size": cfg.spec.image_size,
@@ -169,20 +227,36 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
         "split_indices": splits,
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("split",)},
         "training_seconds": {"vae": round(t_vae, 1), "total": round(t_total, 1)},
-        "versions": {"torch": torch.__version__},
+        "versions": _versions(),
     }
     (out_dir / "tailseed_card.json").write_text(json.dumps(card, indent=1) + "\n")
     log(f"saved {out_dir} in {t_total:.0f}s")
     return card
 
 
+def _versions() -> dict:
+    import diffusers
+    import sklearn
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models/tiny-digits"))
+    parser.add_argument("--regime", choices=sorted(REGIME_SPLITS), default="never-seen")
+    parser.add_argument("--out", type=Path, help="default: models/tiny-digits[-seen]")
     parser.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
     parser.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
     args = parser.parse_args(argv)
-    train(TrainConfig(vae_steps=args.vae_steps, unet_steps=args.unet_steps), args.out)
+    cfg = regime_config(args.regime, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+    train(cfg, args.out or DEFAULT_OUT[args.regime])
 
 
 if __name__ == "__main__":

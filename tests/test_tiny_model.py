@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -13,8 +13,14 @@ from augment_helpers import TINY_SPEC
 from pipeline.embedded import materialize
 from pipeline.errors import UserError
 from pipeline.models import EMBEDDED_MODEL, ModelSpec, describe_model, load_pipeline, read_card
-from research.digits import DigitsSplit, load_digits_arrays, split_indices
-from research.train_tiny_model import TrainConfig, train
+from research.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays, split_indices
+from research.train_tiny_model import (
+    PROMPT_TEMPLATE,
+    TrainConfig,
+    captions,
+    regime_config,
+    train,
+)
 
 
 def test_training_job_runs_and_saves_a_loadable_pipeline(tmp_path):
@@ -43,13 +49,33 @@ def test_shipped_card_splits_are_disjoint_and_long_tailed():
         for b in names[i + 1 :]:
             assert not splits[a] & splits[b], f"{a} and {b} overlap"
     _, labels = load_digits_arrays()
-    assert split_indices(labels, DigitsSplit(**card["split"])) == card["split_indices"]
+    computed = split_indices(labels, DigitsSplit(**card["split"]))
+    assert (
+        computed.pop("val") == []
+    )  # the first model has no validation split; its card predates it
+    assert computed == card["split_indices"]
     counts = np.bincount(labels[sorted(splits["model_train"])], minlength=10)
     tail = [card["class_names"].index(n) for n in card["tail_classes"]]
     assert all(counts[t] <= 5 for t in tail) and min(np.delete(counts, tail)) >= 50
     assert np.bincount(labels[sorted(splits["test"])]).tolist() == [30] * 10
     user = np.bincount(labels[sorted(splits["user"])], minlength=10)
     assert all(user[t] == 10 for t in tail)
+
+
+def test_the_default_regime_is_the_shipped_models_config():
+    """`make tiny-model` (the never-seen regime) retrains the shipped model with its exact config."""
+    card = read_card(EMBEDDED_MODEL)
+    cfg = regime_config("never-seen")
+    assert cfg == TrainConfig()
+    recorded = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "split"}))
+    assert {k: v for k, v in recorded.items() if k != "regime"} == card["training"]
+    recorded_split = {**card["split"], "tail_classes": tuple(card["split"]["tail_classes"])}
+    assert DigitsSplit(**recorded_split) == cfg.split  # fields added since keep their defaults
+    # every model image keeps its class-naming caption, as when the shipped model was trained
+    _, labels = load_digits_arrays()
+    train_idx = np.asarray(card["split_indices"]["model_train"])
+    prompts = [PROMPT_TEMPLATE.format(CLASS_NAMES[c]) for c in labels[train_idx]]
+    assert captions(labels, train_idx, cfg.split) == prompts
 
 
 def test_shipped_model_loads_offline_with_the_stock_pipeline():
