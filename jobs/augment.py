@@ -9,81 +9,36 @@ different config stops.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
-import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import apply_overrides, from_dict, load_yaml, stable_hash, to_dict
+from pipeline.config import to_dict
 from pipeline.errors import UserError
-from pipeline.models import ModelSpec, describe_model
-from pipeline.runner import LocalRunner, RayRunner, Stage
-from pipeline.seed_table import read_seeds, read_walks, write_seeds, write_walks
+from pipeline.models import describe_model
+from pipeline.output_folder import (
+    check_output_folder,
+    code_hash,
+    package_versions,
+    seeds_path,
+    walks_path,
+)
+from pipeline.runner import LocalRunner, RayRunner
+from pipeline.seed_table import provenance, read_seeds, read_walks, write_seeds, write_walks
 from pipeline.shards import atomic_write, dumps, shard_done, write_index
-from stages.generate import GenerateConfig, GenerateStage
-from stages.invert import InvertConfig, InvertStage
-from stages.scan import EMBEDDED, ScanConfig, scan
-from stages.select import ClassPlan, SelectConfig, select
-from stages.walk import WalkConfig, make_walks
-from stages.write import ShardConfig, WriteStage
-
-
-@dataclass(frozen=True)
-class RayConfig:
-    address: str = ""  # "" starts a local Ray; inside a Ray job the job's cluster is used
-    local_num_cpus: int = 0  # CPUs of the local Ray (0: all of this machine's)
-    object_store_mb: int = 512  # small: blocks are small, and Ray's default takes 30% of RAM
-    in_process: bool = False  # run the stages in this process, without Ray
-    runtime_pip: list[str] = field(
-        default_factory=list
-    )  # packages a cluster's image lacks (submit)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    name: str = "default"
-    output_dir: str = ""  # default: out/<name>
-    model: ModelSpec = field(default_factory=ModelSpec)
-    dataset: ScanConfig = field(default_factory=ScanConfig)
-    select: SelectConfig = field(default_factory=SelectConfig)
-    invert: InvertConfig = field(default_factory=InvertConfig)
-    walk: WalkConfig = field(default_factory=WalkConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    shards: ShardConfig = field(default_factory=ShardConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-
-    def out(self) -> Path:
-        return Path(self.output_dir or f"out/{self.name}")
-
-
-# Settings that change where or how fast the work runs, never what it produces.
-_NOT_HASHED = ("name", "output_dir", "ray")
-
-
-def output_hash(config: AugmentConfig) -> str:
-    """Hash of every setting that affects the output (not resources, Ray or the folder)."""
-    data = to_dict(config)
-    for key in _NOT_HASHED:
-        data.pop(key)
-    data["invert"].pop("resources")
-    data["generate"].pop("resources")
-    return stable_hash(data)
-
-
-def load_config(path: Path, overrides: list[str] = ()) -> AugmentConfig:
-    data = apply_overrides(load_yaml(path), list(overrides))
-    try:
-        return from_dict(AugmentConfig, data)
-    except UserError as exc:
-        raise UserError(f"config {path}: {exc}") from exc
+from stages.augment_pipeline import AugmentConfig, load_config, output_hash, shard_stages
+from stages.generate import GenerateStage
+from stages.invert import InvertStage, seed_rows
+from stages.scan import EMBEDDED, scan
+from stages.select import ClassPlan, select
+from stages.walk import make_walks
 
 
 def log(message: str) -> None:
@@ -144,19 +99,17 @@ def materialize_embedded(path: Path, model: dict) -> None:
 
 
 def estimate_nfe(plan: Plan) -> dict:
-    """Upper-bound UNet evaluations: inversion at its iteration cap, generation exactly."""
-    solver = plan.config.invert.solver
-    cfg_mult = 1 if solver.guidance_scale == 1 else 2
-    per_step = 1 if solver.method == "ddim" else solver.max_iters
-    adjust = int(round(solver.adjust_strength * 50)) * (1 if solver.adjust_guidance == 1 else 2)
-    sources = (
-        0 if plan.config.walk.method == "prompt" else sum(len(p.source_keys) for p in plan.plans)
-    )
-    invert = sources * (solver.num_inference_steps * per_step * cfg_mult + adjust)
-    gen = plan.config.generate
+    """UNet evaluations: inversion at the solver's own upper bound, generation exactly."""
+    cfg = plan.config
+    prompt_only = cfg.walk.method == "prompt"
+    sources = 0 if prompt_only else sum(len(p.source_keys) for p in plan.plans)
     generated = sum(p.to_generate for p in plan.plans)
-    generate = generated * gen.num_inference_steps * (1 if gen.guidance_scale == 1 else 2)
-    return {"invert_max": invert, "generate": generate, "sources": sources, "images": generated}
+    return {
+        "invert_max": sources * InvertStage.max_nfe(cfg.invert),
+        "generate": GenerateStage.nfe(cfg.generate, generated),
+        "sources": sources,
+        "images": generated,
+    }
 
 
 def describe_plan(plan: Plan) -> list[str]:
@@ -177,86 +130,6 @@ def describe_plan(plan: Plan) -> list[str]:
         f"generation {est['generate']}"
     )
     return lines
-
-
-# ------------------------------------------------------------------------------------------------
-# Output folder
-
-
-def code_hash() -> str:
-    """Hash of the code that computes a run's outputs (pipeline/, stages/, this job): a folder made
-    by other code is not resumed as if it were current."""
-    root = Path(__file__).resolve().parents[1]
-    files = sorted(
-        [
-            *(root / "pipeline").glob("*.py"),
-            *(root / "stages").glob("*.py"),
-            Path(__file__).resolve(),
-        ]
-    )
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.relative_to(root).as_posix().encode())
-        digest.update(f.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def check_output_folder(out: Path, config_hash: str, code: str) -> dict:
-    """Create or reuse `out`; refuse one made by a different config or by different code."""
-    run_json = out / "run.json"
-    if run_json.is_file():
-        previous = json.loads(run_json.read_text())
-        if previous.get("config_hash") != config_hash:
-            raise UserError(
-                f"output folder {out} was made by a different config (hash {previous.get('config_hash')} "
-                f"vs {config_hash}); use another output_dir or delete the folder"
-            )
-        if previous.get("code_hash") != code:
-            raise UserError(
-                f"output folder {out} was made by a different version of tailseed's code (code hash "
-                f"{previous.get('code_hash')} vs {code}); its outputs would not match a fresh run: use "
-                f"another output_dir or delete the folder"
-            )
-        return previous
-    if out.exists() and any(out.iterdir()):
-        raise UserError(
-            f"output folder {out} exists and is not a tailseed run; use another output_dir"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    return {}
-
-
-def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in (
-        "torch",
-        "diffusers",
-        "transformers",
-        "ray",
-        "webdataset",
-        "pyarrow",
-        "pillow",
-        "numpy",
-    ):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def seeds_path(out: Path, class_index: int) -> Path:
-    return out / "seeds" / f"class_{class_index:04d}.parquet"
-
-
-def walks_path(out: Path, class_index: int) -> Path:
-    return out / "walks" / f"class_{class_index:04d}.parquet"
-
-
-def noise_seed(key: str, config_hash: str) -> int:
-    return int(stable_hash([key, config_hash], 8), 16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,28 +167,13 @@ def run_inversion(plan: Plan, runner, out: Path, timings: dict, nodes: set) -> d
     if not todo:
         log("invert: all seeds already in seeds/, reused")
         return tables
-    rows = []
-    for p in todo:
-        for key, image in zip(p.source_keys, p.source_images):
-            rows.append((p, key, image))
-    units = {}
-    for u, start in enumerate(range(0, len(rows), cfg.invert.batch_size)):
-        chunk = rows[start : start + cfg.invert.batch_size]
-        units[u] = {
-            "key": np.asarray([k for _, k, _ in chunk]),
-            "image": np.stack([im for *_, im in chunk]),
-            "prompt": np.asarray([p.prompt for p, *_ in chunk]),
-            "noise_seed": np.asarray(
-                [noise_seed(k, plan.config_hash) for _, k, _ in chunk], dtype=np.int64
-            ),
-        }
-    solver = to_dict(cfg.invert.solver)
-    stage = Stage(
-        "invert", InvertStage, {"model": to_dict(cfg.model), "solver": solver}, cfg.invert.resources
-    )
+    sources = [
+        (key, image, p.prompt) for p in todo for key, image in zip(p.source_keys, p.source_images)
+    ]
+    units = InvertStage.units(sources, cfg.invert, plan.config_hash)
     t0 = time.perf_counter()
     results = {}
-    for res in runner.run(units, [stage]):
+    for res in runner.run(units, [InvertStage.spec(cfg.model, cfg.invert)]):
         results.update(
             {
                 str(k): {name: res.batch[name][i] for name in res.batch}
@@ -324,40 +182,26 @@ def run_inversion(plan: Plan, runner, out: Path, timings: dict, nodes: set) -> d
         )
         nodes.update(res.node_id.split(","))
         log(
-            f"invert: unit {len(results)}/{len(rows)} images done ({res.seconds:.1f}s in the stage)"
+            f"invert: unit {len(results)}/{len(sources)} images done ({res.seconds:.1f}s in the stage)"
         )
     timings["invert_s"] = round(time.perf_counter() - t0, 2)
     for p in todo:
-        table_rows = []
-        for key in p.source_keys:
-            r = results[key]
-            if r["failed"]:
-                plan.failed[key] = (
-                    f"class {p.class_name!r}: inversion diverged (residual {float(r['residual']):.3g})"
-                )
-                log(
-                    f"invert: {key} failed, residual {float(r['residual']):.3g}; left out of the walks"
-                )
-                continue
-            table_rows.append(
-                {
-                    "key": key,
-                    "class_index": p.class_index,
-                    "class_name": p.class_name,
-                    "prompt": p.prompt,
-                    "seed": r["seed"],
-                    "guidance_scale": solver["guidance_scale"],
-                    "num_inference_steps": solver["num_inference_steps"],
-                    "model": cfg.model.path,
-                    "model_hash": plan.model["model_hash"],
-                    "recon_psnr": float(r["recon_psnr"]),
-                    "recon_latent_rmse": float(r["recon_latent_rmse"]),
-                    "nfe": int(r["nfe"]),
-                }
-            )
+        rows, failed = seed_rows(
+            p.class_index,
+            p.class_name,
+            p.prompt,
+            p.source_keys,
+            results,
+            cfg.invert,
+            cfg.model.path,
+            plan.model["model_hash"],
+        )
+        for key, why in failed.items():
+            plan.failed[key] = f"class {p.class_name!r}: {why}"
+            log(f"invert: {key} failed, {why}; left out of the walks")
         path = seeds_path(out, p.class_index)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_seeds(path, table_rows)
+        write_seeds(path, rows)
         tables[p.class_index] = read_seeds(path)
     return tables
 
@@ -418,29 +262,6 @@ def interleave(walks: dict[int, list[dict]]) -> list[dict]:
     return order
 
 
-def sample_meta(row: dict, plan: Plan) -> str:
-    cfg = plan.config
-    return json.dumps(
-        {
-            "key": row["key"],
-            "class_index": int(row["class_index"]),
-            "class_name": row["class_name"],
-            "prompt": row["prompt"],
-            "sources": list(row["sources"]),
-            "weights": [float(w) for w in row["weights"]],
-            "method": row["method"],
-            "guidance_scale": float(row["guidance_scale"]),
-            "num_inference_steps": int(row["num_inference_steps"]),
-            "model": row["model"],
-            "model_hash": row["model_hash"],
-            "inversion": to_dict(cfg.invert.solver),
-            "config_hash": plan.config_hash,
-        },
-        sort_keys=True,
-        ensure_ascii=False,
-    )
-
-
 def run_generation(
     plan: Plan, ordered: list[dict], runner, out: Path, timings: dict, nodes: set
 ) -> int:
@@ -450,45 +271,25 @@ def run_generation(
     num_shards = (len(ordered) + per - 1) // per
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
+    inversion = to_dict(cfg.invert.solver)
+
+    def meta(row: dict) -> str:
+        return provenance(row, inversion, plan.config_hash)
+
     units = {}
     for s in range(num_shards):
         if shard_done(shards_dir, s):
             continue
         rows = ordered[s * per : (s + 1) * per]
-        units[s] = {
-            "shard": np.full(len(rows), s, dtype=np.int64),
-            "key": np.asarray([r["key"] for r in rows]),
-            "seed": np.stack([r["seed"] for r in rows]).astype(np.float32),
-            "prompt": np.asarray([r["prompt"] for r in rows]),
-            "cls": np.asarray([r["class_index"] for r in rows], dtype=np.int64),
-            "meta": np.asarray([sample_meta(r, plan) for r in rows]),
-        }
+        units[s] = GenerateStage.unit(s, rows, meta)
     done_before = num_shards - len(units)
     if done_before:
         log(f"generate: {done_before}/{num_shards} shards already done, skipped")
     if not units:
         return num_shards
-    gen = cfg.generate
-    generate = Stage(
-        "generate",
-        GenerateStage,
-        {
-            "model": to_dict(cfg.model),
-            "guidance_scale": gen.guidance_scale,
-            "num_inference_steps": gen.num_inference_steps,
-            "batch_size": gen.batch_size,
-        },
-        gen.resources,
-    )
-    write = Stage(
-        "write",
-        WriteStage,
-        {"shards_dir": str(shards_dir.resolve())},
-        replace(gen.resources, num_gpus=0.0, num_cpus=min(gen.resources.num_cpus, 0.25)),
-    )
     t0 = time.perf_counter()
     finished = done_before
-    for res in runner.run(units, [generate, write]):
+    for res in runner.run(units, shard_stages(cfg, shards_dir)):
         finished += 1
         nodes.update(res.node_id.split(","))
         skipped = json.loads(str(res.batch["skipped"][0]))

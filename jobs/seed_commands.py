@@ -2,46 +2,61 @@
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.inversion import METHODS, InversionConfig
 
 DEFAULT_MODEL = "models/tiny-digits"
-# Used where the model has no tailseed card: the fixed-point paper's settings for real images.
-FALLBACK_GUIDANCE = 2.0
-FALLBACK_STEPS = 50
+
+
+def _solver_flags(parser) -> None:
+    """One flag per InversionConfig field, with its default and help: the solver's settings are
+    the command line's, so a new one needs no change here."""
+    import dataclasses
+    import typing
+
+    from pipeline.inversion import SOLVERS, InversionConfig
+
+    hints = typing.get_type_hints(InversionConfig)
+    for f in dataclasses.fields(InversionConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {"type": hints[f.name], "default": f.default}
+        if f.name == "method":
+            kwargs["choices"] = list(SOLVERS)
+        if f.name == "num_inference_steps":
+            flag = ("--steps", flag)
+        help_text = f.metadata.get("help", "")
+        parser.add_argument(
+            *(flag if isinstance(flag, tuple) else (flag,)),
+            dest=f.name,
+            help=f"{help_text} (default: %(default)s)",
+            **kwargs,
+        )
 
 
 def add_parser(subparsers) -> None:
     """Register the `invert` and `generate` subcommands."""
-    defaults = InversionConfig()
     inv = subparsers.add_parser(
         "invert",
         help="invert images into noise seeds (a seeds Parquet file)",
-        description="Invert images into noise seeds with fixed-point inversion. Each image's key is "
-        "its file stem with characters outside [A-Za-z0-9_-] replaced by '_'.",
+        description="Invert images into noise seeds with fixed-point inversion, with the same "
+        "defaults as `tailseed augment` (configs/default.yaml). Each image's key is its file "
+        "stem with characters outside [A-Za-z0-9_-] replaced by '_'.",
     )
-    inv.add_argument("images", nargs="+", metavar="IMAGE", help="image files (RGB, any size)")
+    inv.add_argument("images", nargs="+", metavar="IMAGE", help="image files (RGB, square)")
     inv.add_argument("--model", default=DEFAULT_MODEL, help="diffusers folder or hub id")
     inv.add_argument("--prompt", required=True, help="the prompt that describes the images")
     inv.add_argument("--out", required=True, type=Path, help="seeds Parquet file to write")
     inv.add_argument("--class-index", type=int, default=None, help="class index of the images")
     inv.add_argument("--class-name", default=None, help="class name (default: from the card)")
-    inv.add_argument("--guidance-scale", type=float, default=None, help="default: the model card's")
-    inv.add_argument("--steps", type=int, default=None, help="DDIM steps; default: the card's")
-    inv.add_argument("--method", choices=METHODS, default=defaults.method)
-    inv.add_argument("--max-iters", type=int, default=defaults.max_iters)
-    inv.add_argument("--tol", type=float, default=defaults.tol)
-    inv.add_argument("--adjust-strength", type=float, default=defaults.adjust_strength)
-    inv.add_argument("--adjust-guidance", type=float, default=defaults.adjust_guidance)
+    _solver_flags(inv)
     inv.add_argument("--noise-seed", type=int, default=0, help="base seed of the adjustment noise")
-    inv.add_argument("--batch-size", type=int, default=16)
-    inv.add_argument("--device", default="auto")
+    inv.add_argument("--batch-size", type=int, default=16, help="images per inversion batch")
+    inv.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     inv.set_defaults(func=run_invert)
 
     gen = subparsers.add_parser(
@@ -62,42 +77,26 @@ def add_parser(subparsers) -> None:
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """An image file as (size, size, 3) uint8: converted to RGB and resized if square.
+    """An image file as (size, size, 3) uint8, by the one rule every command uses
+    (`pipeline.images.decode_image`: RGB, centre-cropped to a square, resized), with a note on
+    stderr when it was cropped or resized. An unusable file is a UserError naming it."""
+    from PIL import Image
 
-    Unreadable files and non-square images are rejected with a UserError naming the file.
-    """
-    from PIL import Image, UnidentifiedImageError
+    from pipeline.images import SkipSample, decode_image
 
     try:
-        with Image.open(path) as img:
-            image = img.copy()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError(f"image {path}: cannot be read as an image ({exc})") from exc
-    width, height = image.size
-    if width != height:
-        raise UserError(
-            f"image {path}: is {width}x{height}; the model takes square {size}x{size} images, "
-            f"crop it to a square first"
-        )
-    if image.mode != "RGB":
-        # Transparent pixels become black, as the background of the embedded digits.
-        if image.mode in ("RGBA", "LA", "P"):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("RGB")
-    if image.size != (size, size):
-        print(
-            f"tailseed invert: {path}: resized {width}x{height} -> {size}x{size}", file=sys.stderr
-        )
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def noise_seed_for(key: str, base: int) -> int:
-    """A per-image seed of the adjustment noise from its key, so it does not depend on the order."""
-    digest = hashlib.sha256(f"{base}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+        data = path.read_bytes()
+        image = decode_image(data, size)
+    except OSError as exc:
+        raise UserError(f"image {path}: cannot be read ({exc})") from exc
+    except SkipSample as skip:
+        raise UserError(f"image {path}: {skip.reason.replace('_', ' ')} ({skip.detail})") from None
+    with Image.open(path) as img:
+        width, height = img.size
+    if (width, height) != (size, size):
+        how = "centre-cropped and resized" if width != height else "resized"
+        print(f"tailseed invert: {path}: {how} {width}x{height} -> {size}x{size}", file=sys.stderr)
+    return image
 
 
 def _class_of(args, card: dict) -> tuple[int | None, str | None]:
@@ -116,9 +115,9 @@ def _class_of(args, card: dict) -> tuple[int | None, str | None]:
 
 
 def run_invert(args) -> int:
-    from pipeline.inversion import Inverter
+    from pipeline.inversion import InversionConfig, Inverter
     from pipeline.models import ModelSpec, load_pipeline
-    from pipeline.seed_table import make_key, write_seeds
+    from pipeline.seed_table import make_key, noise_seed, seed_row, write_seeds
 
     paths = [Path(p) for p in args.images]
     keys = [make_key(p.stem) for p in paths]
@@ -133,17 +132,7 @@ def run_invert(args) -> int:
     card = info["card"]
     try:
         config = InversionConfig(
-            method=args.method,
-            num_inference_steps=args.steps or card.get("num_inference_steps", FALLBACK_STEPS),
-            guidance_scale=(
-                args.guidance_scale
-                if args.guidance_scale is not None
-                else card.get("guidance_scale", FALLBACK_GUIDANCE)
-            ),
-            max_iters=args.max_iters,
-            tol=args.tol,
-            adjust_strength=args.adjust_strength,
-            adjust_guidance=args.adjust_guidance,
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(InversionConfig)}
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
@@ -157,27 +146,25 @@ def run_invert(args) -> int:
         out = inverter.invert(
             images[part],
             [args.prompt] * len(batch_keys),
-            [noise_seed_for(k, args.noise_seed) for k in batch_keys],
+            [noise_seed(k, args.noise_seed) for k in batch_keys],
         )
         for j, key in enumerate(batch_keys):
             if out["failed"][j]:
                 failed.append(f"{paths[start + j]} (residual {out['residual'][j]:.3g})")
                 continue
+            inverted = {name: values[j] for name, values in out.items()}
             rows.append(
-                {
-                    "key": key,
-                    "class_index": class_index,
-                    "class_name": class_name,
-                    "prompt": args.prompt,
-                    "seed": out["seed"][j],
-                    "guidance_scale": float(config.guidance_scale),
-                    "num_inference_steps": int(config.num_inference_steps),
-                    "model": info["model"],
-                    "model_hash": info["model_hash"],
-                    "recon_psnr": float(out["recon_psnr"][j]),
-                    "recon_latent_rmse": float(out["recon_latent_rmse"][j]),
-                    "nfe": int(out["nfe"][j]),
-                }
+                seed_row(
+                    key,
+                    class_index,
+                    class_name,
+                    args.prompt,
+                    inverted,
+                    config.guidance_scale,
+                    config.num_inference_steps,
+                    info["model"],
+                    info["model_hash"],
+                )
             )
             print(
                 f"{key}: psnr {out['recon_psnr'][j]:.2f} dB, latent rmse "
@@ -203,7 +190,7 @@ def run_invert(args) -> int:
 def run_generate(args) -> int:
     from PIL import Image
 
-    from pipeline.inversion import Inverter
+    from pipeline.inversion import Sampler
     from pipeline.models import ModelSpec, load_pipeline
     from pipeline.seed_table import read_seeds
 
@@ -236,13 +223,11 @@ def run_generate(args) -> int:
     groups: dict[tuple[float, int], list[dict]] = {}
     for r in rows:
         groups.setdefault((float(r["guidance_scale"]), int(r["num_inference_steps"])), []).append(r)
+    sampler = Sampler(pipe)
     for (guidance, steps), group in groups.items():
-        inverter = Inverter(
-            pipe, InversionConfig(num_inference_steps=steps, guidance_scale=guidance)
-        )
         for start in range(0, len(group), args.batch_size):
             part = group[start : start + args.batch_size]
-            images = inverter.generate(
+            images = sampler.generate(
                 np.stack([r["seed"] for r in part]), [r["prompt"] for r in part], guidance, steps
             )
             for r, image in zip(part, images):

@@ -80,7 +80,7 @@ def submit(config: Path, overrides: list[str], address: str, dry_run: bool = Fal
     """Submit, stream the job's log here, and return 0 if the job succeeded."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from jobs.augment import load_config
+    from stages.augment_pipeline import load_config
 
     cfg = load_config(config, overrides)
     if not config.resolve().is_relative_to(REPO):

@@ -143,6 +143,41 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# Field metadata that the config hash reads. A field marked NOT_HASHED changes where or how fast the
+# work runs, never what it produces (resources, actor counts, the output folder). A field marked
+# HASHED_UNLESS_DEFAULT was added after outputs existed: at its default it reproduces the old
+# behaviour and is left out of the hash, so folders made before it was added keep their hash.
+NOT_HASHED = {"hashed": False}
+HASHED_UNLESS_DEFAULT = {"hashed": "unless_default"}
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def hashed_dict(obj: Any) -> Any:
+    """`to_dict(obj)` without the fields whose metadata keeps them out of the config hash."""
+    if not dataclasses.is_dataclass(obj):
+        return to_dict(obj)
+    out = {}
+    for f in dataclasses.fields(obj):
+        rule = f.metadata.get("hashed", True)
+        value = getattr(obj, f.name)
+        if rule is False or (rule == "unless_default" and value == _default_of(f)):
+            continue
+        out[f.name] = hashed_dict(value)
+    return out
+
+
+def config_hash(obj: Any) -> str:
+    """Hash of every setting of a config tree that affects what it produces."""
+    return stable_hash(hashed_dict(obj))
+
+
 def stable_hash(data: Any, length: int = 16) -> str:
     """sha256 of canonical JSON: equal data gives equal hashes across runs and machines."""
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import tarfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,18 +145,34 @@ def list_webdataset(path: Path, label_key: str) -> Listing:
             skipped["no_label"] += 1
         else:
             labelled.append((tar_path, sample_key, entry["image"], entry["label"]))
-    names = sorted({lab for *_, lab in labelled if isinstance(lab, str)})
-    ints = sorted({lab for *_, lab in labelled if isinstance(lab, int)})
-    if names and ints:
-        raise UserError(f"dataset {path}: labels mix integers and class names; use one kind")
-    classes = {i: n for i, n in enumerate(names)} if names else {i: str(i) for i in ints}
-    lookup = {n: i for i, n in classes.items()}
+    classes, index_of = class_map([lab for *_, lab in labelled], path)
     listing = Listing("webdataset", classes, [], skipped)
     for tar_path, sample_key, member, label in labelled:
-        index = lookup[label] if isinstance(label, str) else label
+        index = index_of(label)
         rec_key = safe_key(sample_key.rsplit("/", 1)[-1], f"{tar_path}#{sample_key}", f"c{index}_")
         listing.records.append(Record(rec_key, index, f"{tar_path}#{member}"))
     return listing
+
+
+def _is_label(value) -> bool:
+    """A usable label: a class name (str) or a class index (int, not bool)."""
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
+def class_map(labels: list, path: Path) -> tuple[dict[int, str], Callable[[int | str], int]]:
+    """The class map of a dataset's labels, and label -> class index.
+
+    Class names: sorted, indexed 0.. (as an ImageFolder's folders). Integers: kept as they are,
+    each named by its own digits. A dataset that mixes both is an error naming it.
+    """
+    names = sorted({lab for lab in labels if isinstance(lab, str)})
+    ints = sorted({lab for lab in labels if isinstance(lab, int) and not isinstance(lab, bool)})
+    if names and ints:
+        raise UserError(f"dataset {path}: labels mix integers and class names; use one kind")
+    if names:
+        lookup = {n: i for i, n in enumerate(names)}
+        return dict(enumerate(names)), lookup.__getitem__
+    return {i: str(i) for i in ints}, int
 
 
 def list_parquet(path: Path, label_column: str, image_column: str) -> Listing:
@@ -175,18 +192,13 @@ def list_parquet(path: Path, label_column: str, image_column: str) -> Listing:
         labels = pq.read_table(f, columns=[label_column]).column(0).to_pylist()
         rows += [(str(f), i, lab) for i, lab in enumerate(labels)]
     skipped: Counter = Counter()
-    names = sorted({lab for *_, lab in rows if isinstance(lab, str)})
-    ints = sorted({lab for *_, lab in rows if isinstance(lab, int) and not isinstance(lab, bool)})
-    if names and ints:
-        raise UserError(f"dataset {path}: labels mix integers and class names; use one kind")
-    classes = {i: n for i, n in enumerate(names)} if names else {i: str(i) for i in ints}
-    lookup = {n: i for i, n in classes.items()}
+    classes, index_of = class_map([lab for *_, lab in rows if _is_label(lab)], path)
     listing = Listing("parquet", classes, [], skipped)
     for f, row, lab in rows:
-        if lab is None or isinstance(lab, bool) or not isinstance(lab, int | str):
+        if not _is_label(lab):
             skipped["no_label"] += 1
             continue
-        index = lookup[lab] if isinstance(lab, str) else lab
+        index = index_of(lab)
         listing.records.append(
             Record(
                 safe_key(f"{Path(f).stem}_{row}", f"{f}#{row}", f"c{index}_"), index, f"{f}#{row}"

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-METHODS = ("ddim", "fixed_point", "anderson")
 PREDICTORS = ("ddim", "previous", "extrapolate")
 # The prompt-aware adjustment is img2img on the grid of the img2img pipeline's default step count
 # (50), as in the paper's public code: strength 0.05 is then 2 denoising steps from t = 21.
@@ -33,30 +32,76 @@ ADJUST_GRID_STEPS = 50
 DIVERGED_RESIDUAL = 1e3
 
 
+def _help(text: str) -> dict:
+    """Field metadata: the command line's help for the field (`tailseed invert` builds its flags
+    from these fields, so a new solver setting is a new flag without touching the CLI)."""
+    return {"help": text}
+
+
 @dataclass(frozen=True)
 class InversionConfig:
-    """How to invert. Defaults are the ones the benchmark (`research/bench_inversion.py`) supports."""
+    """How to invert. The defaults are `make augment`'s (configs/default.yaml), `tailseed invert`'s
+    and the inversion benchmark's "tailseed_default" row: one set of defaults."""
 
-    # "ddim" | "fixed_point" | "anderson"; Anderson reaches the tolerance in the fewest NFE
-    method: str = "anderson"
-    num_inference_steps: int = 50  # the paper's DDIM steps; the CLI takes the model card's value
-    guidance_scale: float = 2.0  # the paper's guidance for real images
-    max_iters: int = 10  # evaluations of f per step, the first included; hardest steps reach it
-    # Per-sample RMS residual |f(z) - z| at which a sample stops costing NFE. 1e-5 keeps PSNR at
-    # the 20-iteration reference's at about 3.5 NFE per step (sweep in out/bench/inversion.md).
-    tol: float = 1e-5
-    anderson_m: int = 3  # Anderson window: the last m residual differences (2 to 5 differ little)
-    adjust_strength: float = 0.05  # prompt-aware encoding adjustment (0 disables); the paper's
-    adjust_guidance: float = 2.0  # the paper's img2img guidance for the adjustment
-    # First iterate of each step after the first: "ddim" (the DDIM guess, the paper's; costs one
-    # evaluation), or free guesses from the noise predicted at earlier steps: "previous" (the last
-    # step's), "extrapolate" (linear in the step from the last two), which saves about one
-    # evaluation per step. fixed_point_invert documents them.
-    predictor: str = "extrapolate"
+    method: str = field(
+        default="anderson",
+        metadata=_help(
+            "solver: ddim (one evaluation per step, no fixed point), fixed_point (the paper's "
+            "iteration) or anderson (fixed point with Anderson acceleration: fewest evaluations)"
+        ),
+    )
+    num_inference_steps: int = field(
+        default=50,
+        metadata=_help(
+            "DDIM steps of the inversion grid (the paper's 50); generation uses the same"
+        ),
+    )
+    guidance_scale: float = field(
+        default=2.0,
+        metadata=_help(
+            "classifier-free guidance the seeds solve for (the paper's 2 for real images). 1 "
+            "reconstructs best and costs half the evaluations, but its seeds follow the prompt "
+            "less when walked and regenerated"
+        ),
+    )
+    max_iters: int = field(
+        default=8,
+        metadata=_help("cap on evaluations of f per step, the first included; hard steps reach it"),
+    )
+    tol: float = field(
+        default=1e-3,
+        metadata=_help(
+            "per-sample RMS residual |f(z) - z| at which a sample stops costing evaluations; "
+            "smaller costs more evaluations for a closer round trip (research/bench_inversion.py "
+            "sweeps it)"
+        ),
+    )
+    anderson_m: int = field(
+        default=3,
+        metadata=_help("Anderson window: the last m residual differences (2-5 differ little)"),
+    )
+    adjust_strength: float = field(
+        default=0.05,
+        metadata=_help(
+            "prompt-aware encoding adjustment, as img2img strength (the paper's 0.05; 0 disables "
+            "it: better reconstruction of the image itself, seeds less consistent with the prompt)"
+        ),
+    )
+    adjust_guidance: float = field(
+        default=2.0, metadata=_help("guidance of the adjustment's denoising steps (the paper's 2)")
+    )
+    predictor: str = field(
+        default="extrapolate",
+        metadata=_help(
+            "first iterate of each step after the first: ddim (the DDIM guess, the paper's; costs "
+            "one evaluation), previous (the last step's noise) or extrapolate (linear in the step "
+            "from the last two), both free"
+        ),
+    )
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method: unknown {self.method!r}; use one of {list(METHODS)}")
+        if self.method not in SOLVERS:
+            raise ValueError(f"method: unknown {self.method!r}; use one of {list(SOLVERS)}")
         if self.num_inference_steps < 1 or self.max_iters < 1 or self.anderson_m < 1:
             raise ValueError("num_inference_steps, max_iters and anderson_m must be >= 1")
         if self.predictor not in PREDICTORS:
@@ -92,6 +137,25 @@ class Schedule:
         a_t, a_s = float(self.alphas[i]), float(self.alphas_prev[i])
         return math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(a_s), math.sqrt(1 - a_s)
 
+    def step(self, i: int, z_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Sampling step i (DDIM, eta 0): z_t and its noise eps -> z_s, one level less noisy."""
+        sa_t, sb_t, sa_s, sb_s = self.coefficients(i)
+        # 1. predict the clean latent, 2. move to the next level along the same noise
+        x0 = (z_t - sb_t * eps) / sa_t
+        return sa_s * x0 + sb_s * eps
+
+    def inverse_coefficients(self, i: int) -> tuple[float, float]:
+        """(c_z, c_e) of the inverse of step i: z_t = c_z * z_s + c_e * eps(z_t, t)."""
+        sa_t, sb_t, sa_s, sb_s = self.coefficients(i)
+        c_z = sa_t / sa_s
+        return c_z, sb_t - c_z * sb_s
+
+    def inverse_step(self, i: int, z_s: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The inverse of step i with the noise given: z_s, eps -> z_t (DDIM inversion when eps is
+        evaluated at z_s; the exact inverse when eps is eps(z_t), which fixed-point inversion finds)."""
+        c_z, c_e = self.inverse_coefficients(i)
+        return c_z * z_s + c_e * eps
+
 
 def ddim_schedule(scheduler, num_inference_steps: int) -> Schedule:
     """The DDIM grid of `num_inference_steps` for a (DDIM-compatible) diffusers scheduler.
@@ -110,6 +174,17 @@ def ddim_schedule(scheduler, num_inference_steps: int) -> Schedule:
     final = float(sched.final_alpha_cumprod)
     prev = [float(ac[t - ratio]) if t - ratio >= 0 else final for t in timesteps.tolist()]
     return Schedule(timesteps, ac[timesteps], torch.tensor(prev, dtype=torch.float64))
+
+
+def check_epsilon_prediction(scheduler_config, model: str = "the model") -> None:
+    """DDIM and fixed-point inversion need a model that predicts the noise (epsilon): a
+    v-prediction model (Stable Diffusion 2.1 at 768) is refused with a message that says so."""
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ValueError(
+            f"{model}: prediction_type is {prediction!r}; DDIM and fixed-point inversion need an "
+            f"epsilon-prediction model (e.g. Stable Diffusion 1.5 or 2.1-base, not 2.1 768-v)"
+        )
 
 
 class NFECounter:
@@ -148,7 +223,7 @@ class GuidedEps:
     def __call__(self, z: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         dtype = self.unet.dtype
         if self.counter is not None:
-            self.counter.add(idx, 2 if self.guided else 1)
+            self.counter.add(idx, guided_evals(self.guidance_scale))
         if not self.guided:
             out = self.unet(z.to(dtype), t, encoder_hidden_states=self.cond[idx]).sample
             return out.float()
@@ -208,13 +283,9 @@ def sample(eps_fn: EpsFn, z: torch.Tensor, schedule: Schedule, start: int = 0) -
     z = z.float()
     idx = torch.arange(len(z), device=z.device)
     for i in range(start, len(schedule)):
-        sa_t, sb_t, sa_s, sb_s = schedule.coefficients(i)
-        t = schedule.timesteps[i].to(z.device)
-        # 1. predict the noise at the current level
-        eps = eps_fn(z, t, idx)
-        # 2. predict the clean latent, 3. move to the next level along the same noise
-        x0 = (z - sb_t * eps) / sa_t
-        z = sa_s * x0 + sb_s * eps
+        # 1. predict the noise at the current level, 2. step to the next level
+        eps = eps_fn(z, schedule.timesteps[i].to(z.device), idx)
+        z = schedule.step(i, z, eps)
     return z
 
 
@@ -225,6 +296,12 @@ def adjustment_noise(shape: Sequence[int], generators: Sequence[torch.Generator]
     sample per generator, so a batch of N draws exactly what N batches of one draw.
     """
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
+
+
+def adjustment_steps(strength: float) -> int:
+    """Denoising steps of the adjustment at `strength` > 0: the last int(50 * strength) of the
+    img2img grid, at least one."""
+    return min(max(1, int(ADJUST_GRID_STEPS * strength)), ADJUST_GRID_STEPS)
 
 
 def adjust(
@@ -239,7 +316,7 @@ def adjust(
     if strength <= 0:
         return z0.float()
     grid = ddim_schedule(scheduler, ADJUST_GRID_STEPS)
-    n = min(max(1, int(ADJUST_GRID_STEPS * strength)), ADJUST_GRID_STEPS)
+    n = adjustment_steps(strength)
     start = len(grid) - n
     a = float(grid.alphas[start])
     # 1. noise the latent to the first level of the last n steps
@@ -388,11 +465,9 @@ def fixed_point_invert(
     eps_seen = torch.zeros_like(z)  # the noise predicted at each sample's latest iterate
     eps_last_step = torch.zeros_like(z)  # eps_seen as it was at the end of the step before
     for n_done, i in enumerate(reversed(range(len(schedule)))):
-        sa_t, sb_t, sa_s, sb_s = schedule.coefficients(i)
         t = schedule.timesteps[i].to(z.device)
         # 1. the inverse step's linear coefficients: f(x) = c_z * z_s + c_e * eps(x, t)
-        c_z = sa_t / sa_s
-        c_e = sb_t - c_z * sb_s
+        c_z, c_e = schedule.inverse_coefficients(i)
         z_prev = z.clone()
 
         def f(x, rows, z_prev=z_prev, t=t, c_z=c_z, c_e=c_e):
@@ -432,6 +507,60 @@ def ddim_invert(eps_fn: EpsFn, z0: torch.Tensor, schedule: Schedule) -> SolverRe
     return fixed_point_invert(eps_fn, z0, schedule, max_iters=1)
 
 
+@dataclass(frozen=True)
+class Solver:
+    """An inversion solver, registered by name in SOLVERS (`InversionConfig.method`).
+
+    invert(eps_fn, z0, schedule, config) -> SolverResult; evals_per_step(config) is the most
+    evaluations of f it makes per inversion step, which the NFE estimate of a plan asks for.
+    """
+
+    name: str
+    invert: Callable[[EpsFn, torch.Tensor, Schedule, InversionConfig], SolverResult]
+    evals_per_step: Callable[[InversionConfig], int]
+
+
+def _fixed_point_solver(method: str) -> Solver:
+    def invert(eps_fn, z0, schedule, config: InversionConfig) -> SolverResult:
+        return fixed_point_invert(
+            eps_fn,
+            z0,
+            schedule,
+            max_iters=config.max_iters,
+            tol=config.tol,
+            method=method,
+            anderson_m=config.anderson_m,
+            predictor=config.predictor,
+        )
+
+    return Solver(method, invert, lambda config: config.max_iters)
+
+
+SOLVERS: dict[str, Solver] = {
+    "ddim": Solver(
+        "ddim", lambda eps_fn, z0, schedule, _: ddim_invert(eps_fn, z0, schedule), lambda _: 1
+    ),
+    "fixed_point": _fixed_point_solver("fixed_point"),
+    "anderson": _fixed_point_solver("anderson"),
+}
+
+
+def guided_evals(guidance_scale: float) -> int:
+    """UNet evaluations per sample of one guided noise prediction (DESIGN's NFE)."""
+    return 1 if guidance_scale == 1 else 2
+
+
+def max_nfe(config: InversionConfig) -> int:
+    """The most UNet evaluations the inversion of one image may cost (regeneration excluded)."""
+    adjust = (
+        adjustment_steps(config.adjust_strength) * guided_evals(config.adjust_guidance)
+        if config.adjust_strength > 0
+        else 0
+    )
+    per_step = SOLVERS[config.method].evals_per_step(config)
+    return adjust + config.num_inference_steps * per_step * guided_evals(config.guidance_scale)
+
+
 def ddim_trajectory(eps_fn: EpsFn, z0: torch.Tensor, schedule: Schedule) -> list[torch.Tensor]:
     """DDIM inversion keeping every level: [z at level N (clean), ..., z at level 0 (the seed)].
 
@@ -441,9 +570,8 @@ def ddim_trajectory(eps_fn: EpsFn, z0: torch.Tensor, schedule: Schedule) -> list
     idx = torch.arange(len(z), device=z.device)
     levels = [z]
     for i in reversed(range(len(schedule))):
-        sa_t, sb_t, sa_s, sb_s = schedule.coefficients(i)
         eps = eps_fn(z, schedule.timesteps[i].to(z.device), idx)
-        z = sa_t * (z - sb_s * eps) / sa_s + sb_t * eps
+        z = schedule.inverse_step(i, z, eps)
         levels.append(z)
     return levels
 
@@ -475,7 +603,7 @@ def seed_norm_ratio(seeds: torch.Tensor) -> torch.Tensor:
 
 
 class Inverter:
-    """Invert images into seeds and regenerate images from seeds with one pipeline's modules.
+    """Invert images into seeds with one pipeline's modules, and measure each seed's reconstruction.
 
     pipe: a diffusers StableDiffusionPipeline (epsilon prediction) whose scheduler's alphas and
     timesteps define the DDIM grid. The pipeline's device and the UNet's dtype are used; the
@@ -483,9 +611,7 @@ class Inverter:
     """
 
     def __init__(self, pipe, config: InversionConfig):
-        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-        if prediction != "epsilon":
-            raise ValueError(f"inversion needs an epsilon-prediction model, not {prediction!r}")
+        check_epsilon_prediction(pipe.scheduler.config)
         self.pipe, self.config = pipe, config
         self.device = pipe.unet.device
         self.image_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
@@ -529,19 +655,7 @@ class Inverter:
             z_target = z_clean
         # 3. invert
         eps_fn = GuidedEps(pipe.unet, cond, uncond, cfg.guidance_scale, counter)
-        if cfg.method == "ddim":
-            result = ddim_invert(eps_fn, z_target, self.schedule)
-        else:
-            result = fixed_point_invert(
-                eps_fn,
-                z_target,
-                self.schedule,
-                max_iters=cfg.max_iters,
-                tol=cfg.tol,
-                method=cfg.method,
-                anderson_m=cfg.anderson_m,
-                predictor=cfg.predictor,
-            )
+        result = SOLVERS[cfg.method].invert(eps_fn, z_target, self.schedule, cfg)
         # 4. regenerate the samples that did not fail and measure against the originals
         ok = (~result.failed).nonzero().squeeze(1)
         psnr_out = np.full(batch, np.nan, np.float32)
@@ -561,6 +675,27 @@ class Inverter:
             "failed": result.failed.cpu().numpy(),
         }
 
+
+class Sampler:
+    """Generate images from seeds with one pipeline's modules: deterministic DDIM (eta 0).
+
+    pipe: a diffusers StableDiffusionPipeline; the UNet's device and dtype are used, the sampling
+    state stays float32. Grids are built once per step count.
+    """
+
+    def __init__(self, pipe):
+        check_epsilon_prediction(pipe.scheduler.config)
+        self.pipe = pipe
+        self.device = pipe.unet.device
+        self._schedules: dict[int, Schedule] = {}
+
+    def schedule(self, num_inference_steps: int) -> Schedule:
+        if num_inference_steps not in self._schedules:
+            self._schedules[num_inference_steps] = ddim_schedule(
+                self.pipe.scheduler, num_inference_steps
+            )
+        return self._schedules[num_inference_steps]
+
     @torch.inference_mode()
     def generate(
         self,
@@ -569,16 +704,11 @@ class Inverter:
         guidance_scale: float,
         num_inference_steps: int,
     ) -> np.ndarray:
-        """Seeds (B, C, h, w) float32 -> images (B, H, W, 3) uint8 by deterministic DDIM (eta 0)."""
+        """Seeds (B, C, h, w) float32 -> images (B, H, W, 3) uint8."""
         if len(seeds) != len(prompts):
             raise ValueError("seeds and prompts must have the same length")
-        pipe = self.pipe
-        schedule = (
-            self.schedule
-            if num_inference_steps == self.config.num_inference_steps
-            else ddim_schedule(pipe.scheduler, num_inference_steps)
-        )
-        cond, uncond = encode_prompts(pipe, prompts)
-        eps_fn = GuidedEps(pipe.unet, cond, uncond, guidance_scale)
+        cond, uncond = encode_prompts(self.pipe, prompts)
+        eps_fn = GuidedEps(self.pipe.unet, cond, uncond, guidance_scale)
         z = torch.from_numpy(np.asarray(seeds, dtype=np.float32)).to(self.device)
-        return tensor_to_images(decode(pipe.vae, sample(eps_fn, z, schedule)))
+        z0 = sample(eps_fn, z, self.schedule(num_inference_steps))
+        return tensor_to_images(decode(self.pipe.vae, z0))

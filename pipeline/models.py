@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
+from pipeline.inversion import check_epsilon_prediction
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL = REPO_ROOT / "models" / "tiny-digits"
@@ -34,6 +35,13 @@ class ModelSpec:
     revision: str | None = None  # only a revision the user pins; never invented
     dtype: str = "float32"  # float16 on CUDA for real checkpoints
     device: str = "auto"  # auto: cuda if available, else cpu
+
+
+def _require_epsilon(scheduler_config, spec: ModelSpec) -> None:
+    try:
+        check_epsilon_prediction(scheduler_config, f"model {spec.path!r}")
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -239,12 +247,7 @@ def load_pipeline(spec: ModelSpec, with_hash: bool = True):
         raise ModelError(
             f"model {spec.path!r}: could not be loaded as a StableDiffusionPipeline: {first}"
         ) from exc
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise ModelError(
-            f"model {spec.path!r}: prediction_type is {prediction!r}; DDIM and fixed-point inversion "
-            f"need an epsilon-prediction model (e.g. Stable Diffusion 1.5 or 2.1-base, not 2.1 768-v)."
-        )
+    _require_epsilon(pipe.scheduler.config, spec)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -273,11 +276,7 @@ def describe_model(spec: ModelSpec) -> dict:
         return json.loads(path.read_text())
 
     scheduler = config("scheduler", "scheduler_config.json")
-    if scheduler.get("prediction_type", "epsilon") != "epsilon":
-        raise ModelError(
-            f"model {spec.path!r}: prediction_type is {scheduler['prediction_type']!r}; inversion "
-            f"needs an epsilon-prediction model (e.g. Stable Diffusion 1.5 or 2.1-base, not 2.1 768-v)."
-        )
+    _require_epsilon(scheduler, spec)
     unet = config("unet", "config.json")
     vae = config("vae", "config.json")
     factor = 2 ** (len(vae["block_out_channels"]) - 1)

@@ -36,6 +36,9 @@ class Resources:
     num_actors: int = 1
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    # Ray custom resources per actor, e.g. {"a100": 1}: only nodes started with them
+    # (`ray start --resources`) take the stage's actors
+    custom: dict[str, float] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
         if self.num_actors < 1:
@@ -239,13 +242,16 @@ class RayRunner:
         total = self.cluster_resources()
         for stage in stages:
             r = stage.resources
-            for name, per_actor in (("GPU", r.num_gpus), ("CPU", r.num_cpus)):
+            asked = [("GPU", r.num_gpus), ("CPU", r.num_cpus), *sorted(r.custom.items())]
+            for name, per_actor in asked:
+                if per_actor <= 0:
+                    continue
                 need, have = per_actor * r.num_actors, float(total.get(name, 0.0))
                 if need > have:
                     raise ResourceError(
                         f"{stage.name}.resources: {r.num_actors} actor(s) x {per_actor:g} {name} = "
                         f"{need:g} {name}, but the Ray cluster has {have:g}; lower num_actors or "
-                        f"num_{name.lower()}s"
+                        f"the amount per actor"
                     )
 
     def run(
@@ -272,6 +278,7 @@ class RayRunner:
                 compute=ray.data.ActorPoolStrategy(size=r.num_actors),
                 num_cpus=r.num_cpus,
                 num_gpus=r.num_gpus,
+                **({"resources": dict(r.custom)} if r.custom else {}),
             )
         for row in ds.iter_rows():
             yield UnitResult(

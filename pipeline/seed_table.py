@@ -9,6 +9,7 @@ metadata, one row group, fixed compression).
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import stable_hash
 from pipeline.errors import UserError
 
 KEY_MAX = 100
@@ -78,6 +80,66 @@ def check_keys(keys: Sequence[str], where: str = "rows") -> None:
     dup = sorted(k for k, n in Counter(keys).items() if n > 1)
     if dup:
         raise UserError(f"{where}: duplicate key(s) {', '.join(dup[:5])}; keys must be unique")
+
+
+def noise_seed(key: str, salt) -> int:
+    """The seed of an image's adjustment noise, from its key and a salt (the config hash in a run,
+    `--noise-seed` on the command line), so that it does not depend on batch order or size."""
+    return int(stable_hash([key, salt], 8), 16)
+
+
+def seed_row(
+    key: str,
+    class_index: int | None,
+    class_name: str | None,
+    prompt: str,
+    inverted: dict,
+    guidance_scale: float,
+    num_inference_steps: int,
+    model: str,
+    model_hash: str,
+) -> dict:
+    """One seeds row (SEEDS_SCHEMA) from an inversion result: `inverted` holds the image's seed
+    (C, h, w) float32 and its measures (recon_psnr, recon_latent_rmse, nfe), as `Inverter.invert`
+    returns them per image; guidance and steps are those the seed solves for."""
+    return {
+        "key": key,
+        "class_index": class_index,
+        "class_name": class_name,
+        "prompt": prompt,
+        "seed": inverted["seed"],
+        "guidance_scale": float(guidance_scale),
+        "num_inference_steps": int(num_inference_steps),
+        "model": model,
+        "model_hash": model_hash,
+        "recon_psnr": float(inverted["recon_psnr"]),
+        "recon_latent_rmse": float(inverted["recon_latent_rmse"]),
+        "nfe": int(inverted["nfe"]),
+    }
+
+
+def provenance(row: dict, inversion: dict, config_hash: str) -> str:
+    """A generated sample's `<key>.json`: a walks row's provenance (without the seed itself), the
+    inversion settings and the config hash, as canonical JSON."""
+    return json.dumps(
+        {
+            "key": row["key"],
+            "class_index": int(row["class_index"]),
+            "class_name": row["class_name"],
+            "prompt": row["prompt"],
+            "sources": list(row["sources"]),
+            "weights": [float(w) for w in row["weights"]],
+            "method": row["method"],
+            "guidance_scale": float(row["guidance_scale"]),
+            "num_inference_steps": int(row["num_inference_steps"]),
+            "model": row["model"],
+            "model_hash": row["model_hash"],
+            "inversion": inversion,
+            "config_hash": config_hash,
+        },
+        sort_keys=True,
+        ensure_ascii=False,
+    )
 
 
 def _column(rows: Sequence[dict], name: str) -> list:

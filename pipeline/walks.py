@@ -29,7 +29,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.seed_space import lerp, nao_centroids, nao_path, point_at, slerp
 
-METHODS = ("lerp", "slerp", "nao")
+METHODS = ("nao", "slerp", "lerp")  # the walks `sample_walks` takes; "nao" is the default
 MARGIN = 0.1  # walk positions stay in [MARGIN, 1 - MARGIN]: no new seed next to a source
 NAO_PATH_POINTS = 32  # points of a discretised NAO path, endpoints included (published: 50)
 CENTROID_PATH_POINTS = 16  # points of a leg from a seed to a centroid, ends included
@@ -65,7 +65,7 @@ def sample_walks(
     keys: list[str],
     count: int,
     method: str = "nao",
-    seed: int = 0,
+    rng_seed: int = 0,
     class_name: str = "",
 ) -> list[WalkSeed]:
     """`count` new seeds of one class from walks between its seeds (see the module docstring).
@@ -77,7 +77,7 @@ def sample_walks(
     x = _validated(seeds, keys, count, method, class_name)
     if count == 0:
         return []
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(rng_seed)
     # 1. split the count between pair walks and centroid walks
     n_centroid = int(count * CENTROID_SHARE) if method == "nao" and len(keys) >= 3 else 0
     # 2. pair walks: which pairs, how many seeds on each, where

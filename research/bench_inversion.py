@@ -80,8 +80,7 @@ def generated_case(pipe, card: dict, n: int) -> Case:
         pipe.unet.config.sample_size,
     )
     noise = inv.adjustment_noise(shape, [torch.Generator().manual_seed(1000 + i) for i in range(n)])
-    inverter = inv.Inverter(pipe, inv.InversionConfig())
-    images = inverter.generate(
+    images = inv.Sampler(pipe).generate(
         noise.numpy(), prompts, card["guidance_scale"], card["num_inference_steps"]
     )
     return Case("generated", images, prompts)
@@ -152,16 +151,17 @@ def run_setting(pipe, case: Case, s: Setting) -> dict:
                 x_t, y_t = peers.edict_invert(eps_fn, z_target, schedule)
                 seed = x_t
             else:
-                result = inv.fixed_point_invert(
-                    eps_fn,
-                    z_target,
-                    schedule,
+                # the solver exactly as the pipeline's Inverter calls it, from the registry
+                config = inv.InversionConfig(
+                    method=s.solver,
+                    num_inference_steps=s.steps,
+                    guidance_scale=s.guidance,
                     max_iters=s.max_iters,
                     tol=s.tol,
-                    method="anderson" if s.solver == "anderson" else "fixed_point",
                     anderson_m=s.anderson_m,
                     predictor=s.predictor,
                 )
+                result = inv.SOLVERS[config.method].invert(eps_fn, z_target, schedule, config)
                 seed = result.seed
                 extra["failed"] = int(result.failed.sum())
                 finite = result.residual[torch.isfinite(result.residual)]

@@ -26,9 +26,10 @@ import numpy as np
 import psutil
 import torch
 
-from jobs.augment import load_config, run
+from jobs.augment import run
 from pipeline.inversion import InversionConfig, Inverter
 from pipeline.models import load_pipeline
+from stages.augment_pipeline import load_config
 
 CONFIG = Path("configs/default.yaml")
 

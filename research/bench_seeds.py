@@ -226,7 +226,7 @@ def walk_picture(pipe, inverted, images, names, n, config, path: Path) -> dict:
     import matplotlib.pyplot as plt
 
     entry = inverted["anderson"]
-    inverter = inv.Inverter(pipe, entry["config"])
+    sampler = inv.Sampler(pipe)
     classes = [c for c in CLASS_NAMES if c in names]
     t = torch.linspace(0.0, 1.0, WALK_POSITIONS)
     fig, axes = plt.subplots(
@@ -254,7 +254,7 @@ def walk_picture(pipe, inverted, images, names, n, config, path: Path) -> dict:
         prompt = entry["prompt_template"].format(cls)
         mids = {}
         for r, (name, points) in enumerate(rows.items(), start=top + 1):
-            generated = inverter.generate(
+            generated = sampler.generate(
                 points.numpy(),
                 [prompt] * WALK_POSITIONS,
                 entry["config"].guidance_scale,

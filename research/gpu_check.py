@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.inversion import InversionConfig, Inverter
+from pipeline.inversion import InversionConfig, Inverter, Sampler
 from pipeline.models import EMBEDDED_MODEL, ModelSpec, describe_model, load_pipeline
 from research.digits import DigitsSplit, load_digits_arrays, render, split_indices
 
@@ -39,14 +39,15 @@ def check(spec: ModelSpec, images: np.ndarray, prompt: str, batch: int) -> dict:
     sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     # warm-up outside the timings: CUDA context, kernel selection, allocator
     shape = (1, pipe.unet.config.in_channels, *[pipe.unet.config.sample_size] * 2)
-    inverter.generate(np.zeros(shape, np.float32), [prompt], 2.0, 2)
+    sampler = Sampler(pipe)
+    sampler.generate(np.zeros(shape, np.float32), [prompt], 2.0, 2)
     sync()
     t0 = time.perf_counter()
     out = inverter.invert(images, [prompt] * len(images), list(range(len(images))))
     sync()
     t_invert = time.perf_counter() - t0
     t0 = time.perf_counter()
-    inverter.generate(out["seed"], [prompt] * len(images), 2.0, inverter.config.num_inference_steps)
+    sampler.generate(out["seed"], [prompt] * len(images), 2.0, inverter.config.num_inference_steps)
     sync()
     t_generate = time.perf_counter() - t0
     return {

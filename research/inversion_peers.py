@@ -127,12 +127,6 @@ class NullTextConfig:
     early_stop_slope: float = 2e-5
 
 
-def _ddim_step(z_t: torch.Tensor, eps: torch.Tensor, coeffs: tuple) -> torch.Tensor:
-    """One DDIM sampling step (eta 0) with `Schedule.coefficients` of the step."""
-    sa_t, sb_t, sa_s, sb_s = coeffs
-    return sa_s * (z_t - sb_t * eps) / sa_t + sb_s * eps
-
-
 def _unet_eps(unet, z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return unet(z.to(unet.dtype), t, encoder_hidden_states=hidden.to(unet.dtype)).sample.float()
 
@@ -173,7 +167,6 @@ def null_text_invert(
     nulls = []
     g = float(guidance_scale)
     for i in range(n):
-        coeffs = schedule.coefficients(i)
         t = schedule.timesteps[i].to(device)
         target = pivot[n - i - 1]  # the pivot at the next, less noisy level
 
@@ -191,7 +184,7 @@ def null_text_invert(
             eps_u = _unet_eps(unet, z[active], t, u)
             eps = eps_u + g * (eps_c[active] - eps_u)
             loss = (
-                (_ddim_step(z[active], eps, coeffs) - target[active]).pow(2).flatten(1).mean(1)
+                (schedule.step(i, z[active], eps) - target[active]).pow(2).flatten(1).mean(1)
             )  # (n,)
             (grad,) = torch.autograd.grad(loss.sum(), u)
             with torch.no_grad():
@@ -207,7 +200,7 @@ def null_text_invert(
         with torch.no_grad():
             counter.add(all_rows, 1)
             eps_u = _unet_eps(unet, z, t, null)
-            z = _ddim_step(z, eps_u + g * (eps_c - eps_u), coeffs)
+            z = schedule.step(i, z, eps_u + g * (eps_c - eps_u))
         nulls.append(null.detach().clone())
     return pivot[-1], torch.stack(nulls)
 
@@ -230,5 +223,5 @@ def null_text_sample(
         t = schedule.timesteps[i].to(z.device)
         hidden = torch.cat([null_embeddings[i], cond])
         eps_u, eps_c = _unet_eps(unet, torch.cat([z, z]), t, hidden).chunk(2)
-        z = _ddim_step(z, eps_u + g * (eps_c - eps_u), schedule.coefficients(i))
+        z = schedule.step(i, z, eps_u + g * (eps_c - eps_u))
     return z

@@ -1,59 +1,101 @@
 """Generate: seeds -> images on model actors, in fixed batches within each shard.
 
-PNG encoding is left to the writer, a separate actor, so that it overlaps with the next shard's
-model work instead of keeping the GPU waiting."""
+Unit in:  shard (N,) int64 (all equal), key (N,) str, seed (N, C, h, w) float32, prompt (N,) str,
+          guidance_scale (N,) float64, num_inference_steps (N,) int64, cls (N,) int64,
+          meta (N,) str (the sample's provenance JSON).
+Unit out: the unit without `seed`, plus image (N, H, W, 3) uint8 and ok (N,) bool.
+One unit is one shard; PNG encoding is left to the writer, a separate actor, so that it overlaps
+with the next shard's model work instead of keeping the GPU waiting.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.inversion import InversionConfig, Inverter
+from pipeline.config import NOT_HASHED, to_dict
+from pipeline.inversion import Sampler, guided_evals
 from pipeline.models import ModelSpec, load_pipeline
-from pipeline.runner import Resources
+from pipeline.runner import Resources, Stage
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    guidance_scale: float = 3.0  # classifier-free guidance of the regenerated images
-    num_inference_steps: int = 25  # DDIM steps from each seed
-    batch_size: int = 16  # images per UNet batch; fixed, so a resumed shard is computed identically
-    resources: Resources = field(default_factory=Resources)
+    # None: as inverted. The seeds are solutions at the inversion's guidance and steps, so a walk
+    # seed is regenerated with those unless the config sets its own.
+    guidance_scale: float | None = None
+    num_inference_steps: int | None = None
+    batch_size: int = 40  # images per UNet batch; fixed, so a resumed shard is computed identically
+    resources: Resources = field(
+        default_factory=lambda: Resources(num_cpus=1.5), metadata=NOT_HASHED
+    )
 
 
 class GenerateStage:
-    """batch {key (N,), seed (N,C,h,w) float32, prompt (N,), ...} -> the batch without `seed`, plus
-    image (N,H,W,3) uint8 and ok (N,) bool.
+    """Generates one shard's images (schema in the module docstring) with one model.
 
-    N is one shard; the shard is generated in consecutive sub-batches of `batch_size`.
-    A sample whose image comes out non-finite is marked not ok (counted, never written).
+    Each sub-batch of `batch_size` rows runs at its rows' guidance and steps (a walks row carries
+    them). A sample whose seed is not finite (which would decode to a black image) is marked not
+    ok: counted, never written.
     """
 
-    def __init__(
-        self, model: dict, guidance_scale: float, num_inference_steps: int, batch_size: int
-    ):
+    name = "generate"
+
+    def __init__(self, model: dict, batch_size: int):
         pipe, _ = load_pipeline(ModelSpec(**model), with_hash=False)
-        self.inverter = Inverter(pipe, InversionConfig(num_inference_steps=num_inference_steps))
-        self.guidance_scale, self.steps, self.batch_size = (
-            guidance_scale,
-            num_inference_steps,
-            batch_size,
-        )
+        self.sampler = Sampler(pipe)
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seeds, prompts = batch["seed"], [str(p) for p in batch["prompt"]]
-        images, ok = [], []
+        images = []
         for start in range(0, len(seeds), self.batch_size):
-            stop = start + self.batch_size
-            finite = np.isfinite(seeds[start:stop]).reshape(len(seeds[start:stop]), -1).all(axis=1)
-            images.append(
-                self.inverter.generate(
-                    seeds[start:stop], prompts[start:stop], self.guidance_scale, self.steps
+            part = slice(start, start + self.batch_size)
+            for settings, rows in _by_settings(batch, part):
+                image = self.sampler.generate(
+                    seeds[rows], [prompts[i] for i in rows], settings[0], settings[1]
                 )
-            )
-            ok.append(finite)
-        passed = {
-            k: v for k, v in batch.items() if k != "seed"
-        }  # provenance travels on to the writer
-        return {**passed, "image": np.concatenate(images), "ok": np.concatenate(ok)}
+                images.append((rows, image))
+        image_out = np.zeros((len(seeds), *images[0][1].shape[1:]), np.uint8)
+        for rows, image in images:
+            image_out[rows] = image
+        ok = np.isfinite(seeds.reshape(len(seeds), -1)).all(axis=1)
+        passed = {k: v for k, v in batch.items() if k != "seed"}  # provenance travels on
+        return {**passed, "image": image_out, "ok": ok}
+
+    @staticmethod
+    def spec(config, shards_dir: Path) -> Stage:
+        """The runner's stage for an AugmentConfig: the model, and the `generate` section."""
+        kwargs = {"model": to_dict(config.model), "batch_size": config.generate.batch_size}
+        return Stage(GenerateStage.name, GenerateStage, kwargs, config.generate.resources)
+
+    @staticmethod
+    def unit(shard: int, rows: list[dict], provenance) -> dict[str, np.ndarray]:
+        """One shard's unit from its walks rows; provenance(row) -> the sample's JSON."""
+        return {
+            "shard": np.full(len(rows), shard, dtype=np.int64),
+            "key": np.asarray([r["key"] for r in rows]),
+            "seed": np.stack([r["seed"] for r in rows]).astype(np.float32),
+            "prompt": np.asarray([r["prompt"] for r in rows]),
+            "guidance_scale": np.asarray([r["guidance_scale"] for r in rows], np.float64),
+            "num_inference_steps": np.asarray([r["num_inference_steps"] for r in rows], np.int64),
+            "cls": np.asarray([r["class_index"] for r in rows], dtype=np.int64),
+            "meta": np.asarray([provenance(r) for r in rows]),
+        }
+
+    @staticmethod
+    def nfe(config: GenerateConfig, images: int) -> int:
+        """UNet evaluations of generating `images` images (exact)."""
+        return images * config.num_inference_steps * guided_evals(config.guidance_scale)
+
+
+def _by_settings(batch: dict[str, np.ndarray], part: slice) -> list[tuple[tuple, np.ndarray]]:
+    """The rows of `part` grouped by (guidance, steps), in first-seen order: one UNet batch each."""
+    rows = np.arange(len(batch["key"]))[part]
+    groups: dict[tuple, list[int]] = {}
+    for i in rows:
+        settings = (float(batch["guidance_scale"][i]), int(batch["num_inference_steps"][i]))
+        groups.setdefault(settings, []).append(int(i))
+    return [(k, np.asarray(v)) for k, v in groups.items()]

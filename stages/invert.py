@@ -1,4 +1,10 @@
-"""Invert: encode, adjust and invert few-shot images into seeds on model actors."""
+"""Invert: encode, adjust and invert few-shot images into seeds on model actors.
+
+Unit in:  key (B,) str, image (B, H, W, 3) uint8, prompt (B,) str, noise_seed (B,) int64.
+Unit out: key, seed (B, C, h, w) float32, nfe (B,) int64, recon_psnr, recon_latent_rmse,
+          residual (B,) float32, failed (B,) bool (as `Inverter.invert` returns them).
+A class's seeds go to `seeds/class_NNNN.parquet`, one SEEDS_SCHEMA row per source that inverted.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +12,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.inversion import InversionConfig, Inverter
+from pipeline.config import NOT_HASHED, to_dict
+from pipeline.inversion import InversionConfig, Inverter, max_nfe
 from pipeline.models import ModelSpec, load_pipeline
-from pipeline.runner import Resources
+from pipeline.runner import Resources, Stage
+from pipeline.seed_table import noise_seed, seed_row
 
 
 @dataclass(frozen=True)
 class InvertConfig:
     solver: InversionConfig = field(default_factory=InversionConfig)
-    batch_size: int = 8  # images per inversion unit (fixed, so reruns compute identical seeds)
-    resources: Resources = field(default_factory=Resources)
+    batch_size: int = 20  # images per inversion unit (fixed, so reruns compute identical seeds)
+    resources: Resources = field(
+        default_factory=lambda: Resources(num_cpus=1.5), metadata=NOT_HASHED
+    )
 
 
 class InvertStage:
-    """batch {key (B,), image (B,H,W,3) uint8, prompt (B,), noise_seed (B,) int64} -> the batch's
-    seeds and measures: key, seed (B,C,h,w) float32, nfe, recon_psnr, recon_latent_rmse, residual,
-    failed."""
+    """Inverts one unit of source images (schema in the module docstring) with one model."""
+
+    name = "invert"
 
     def __init__(self, model: dict, solver: dict):
         pipe, _ = load_pipeline(ModelSpec(**model), with_hash=False)
@@ -32,3 +42,62 @@ class InvertStage:
             batch["image"], [str(p) for p in batch["prompt"]], [int(s) for s in batch["noise_seed"]]
         )
         return {"key": batch["key"], **out}
+
+    @staticmethod
+    def spec(model: ModelSpec, config: InvertConfig) -> Stage:
+        kwargs = {"model": to_dict(model), "solver": to_dict(config.solver)}
+        return Stage(InvertStage.name, InvertStage, kwargs, config.resources)
+
+    @staticmethod
+    def units(sources: list[tuple[str, np.ndarray, str]], config: InvertConfig, salt: str) -> dict:
+        """Units of `batch_size` images from (key, image, prompt) in order; each image's
+        adjustment noise is seeded by its key and `salt` (the config hash)."""
+        units = {}
+        for u, start in enumerate(range(0, len(sources), config.batch_size)):
+            chunk = sources[start : start + config.batch_size]
+            units[u] = {
+                "key": np.asarray([k for k, _, _ in chunk]),
+                "image": np.stack([im for _, im, _ in chunk]),
+                "prompt": np.asarray([p for *_, p in chunk]),
+                "noise_seed": np.asarray([noise_seed(k, salt) for k, _, _ in chunk], np.int64),
+            }
+        return units
+
+    @staticmethod
+    def max_nfe(config: InvertConfig) -> int:
+        """The most UNet evaluations one source image may cost, as the solver counts them."""
+        return max_nfe(config.solver)
+
+
+def seed_rows(
+    class_index: int,
+    class_name: str,
+    prompt: str,
+    keys: list[str],
+    results: dict[str, dict],
+    config: InvertConfig,
+    model: str,
+    model_hash: str,
+) -> tuple[list[dict], dict[str, str]]:
+    """A class's SEEDS_SCHEMA rows from its sources' results, and the keys that failed (-> why)."""
+    rows, failed = [], {}
+    for key in keys:
+        r = results[key]
+        if r["failed"]:
+            failed[key] = f"inversion diverged (residual {float(r['residual']):.3g})"
+            continue
+        solver = config.solver
+        rows.append(
+            seed_row(
+                key,
+                class_index,
+                class_name,
+                prompt,
+                r,
+                solver.guidance_scale,
+                solver.num_inference_steps,
+                model,
+                model_hash,
+            )
+        )
+    return rows, failed

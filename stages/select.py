@@ -20,7 +20,7 @@ class SelectConfig:
     quota_mode: str = (
         "fill_to"  # fill_to: bring each rare class up to `quota` images; add: add `quota`
     )
-    quota: int = 40
+    quota: int = 50
     prompt_template: str = "a photo of a {}"
     prompt_overrides: dict[str, str] = field(default_factory=dict)  # class name -> its prompt
     min_side: int = 8  # source images with a shorter side are skipped as too_small

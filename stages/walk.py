@@ -9,9 +9,11 @@ import torch
 
 from pipeline.config import stable_hash
 from pipeline.errors import UserError
+from pipeline.walks import METHODS as WALK_METHODS
 from pipeline.walks import sample_walks
 
-METHODS = ("nao", "slerp", "lerp", "prompt")
+# the seed-space walks, plus "prompt": fresh Gaussian seeds, no inversion
+METHODS = (*WALK_METHODS, "prompt")
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def make_walks(
     # each class draws its own pairs and positions, from the config's seed and the class
     class_seed = int(stable_hash([config.seed, class_index], 8), 16)
     walked = sample_walks(
-        seeds, keys, count, method=config.method, seed=class_seed, class_name=class_name
+        seeds, keys, count, method=config.method, rng_seed=class_seed, class_name=class_name
     )
     rows = []
     for position, w in enumerate(walked):

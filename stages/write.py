@@ -1,27 +1,45 @@
-"""Write: one finished shard -> its tar, then its stats file (the done-marker), in the output folder."""
+"""Write: one finished shard -> its tar, then its stats file (the done-marker), in the output folder.
+
+Unit in:  shard (N,) int64 (all equal), key (N,) str, image (N, H, W, 3) uint8, ok (N,) bool,
+          cls (N,) int64, meta (N,) str; other columns are ignored.
+Unit out: shard (1,), samples (1,) int64, skipped (1,) str (JSON: reason -> count).
+Config section `shards` (what it writes), stage `write` (what it does).
+"""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.images import encode_png
+from pipeline.runner import Stage
 from pipeline.shards import write_shard
 
 
 @dataclass(frozen=True)
-class ShardConfig:
-    samples_per_shard: int = 32  # fixed: shard i always holds the same samples, whatever resumes
+class ShardsConfig:
+    samples_per_shard: int = 40  # fixed: shard i always holds the same samples, whatever resumes
 
 
 class WriteStage:
-    """batch {key, image (N,H,W,3) uint8, ok, cls (int), meta (JSON str), shard (int, all equal)}
-    -> PNG-encodes the images that are ok, writes `shards/NNNNN.tar` and `NNNNN_stats.json`;
-    returns {shard, samples, skipped (JSON str)}."""
+    """PNG-encodes a shard's images that are ok and writes `shards/NNNNN.tar`, then
+    `NNNNN_stats.json` (schema in the module docstring). No model: it never imports torch."""
+
+    name = "write"
+
+    @staticmethod
+    def spec(config, shards_dir: Path) -> Stage:
+        """The runner's stage for an AugmentConfig: beside the model actors, no GPU and a quarter
+        CPU at most (it is a PNG encoder)."""
+        model = config.generate.resources
+        resources = replace(model, num_gpus=0.0, num_cpus=min(model.num_cpus, 0.25))
+        return Stage(
+            WriteStage.name, WriteStage, {"shards_dir": str(shards_dir.resolve())}, resources
+        )
 
     def __init__(self, shards_dir: str):
         self.shards_dir = Path(shards_dir)

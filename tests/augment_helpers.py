@@ -37,12 +37,19 @@ def write_config(path: Path, model_dir: Path, dataset: Path, out: Path, **extra)
             "quota": 6,
             "prompt_template": "a photo of the digit {}",
         },
+        # half a CPU each (one torch thread): the same in-process and on Ray, so the same bytes
         "invert": {
             "batch_size": 4,
             "solver": {"num_inference_steps": 4, "max_iters": 3, "guidance_scale": 2.0},
+            "resources": {"num_cpus": 0.5},
         },
         "walk": {"method": "slerp"},
-        "generate": {"num_inference_steps": 4, "guidance_scale": 2.0, "batch_size": 3},
+        "generate": {
+            "num_inference_steps": 4,
+            "guidance_scale": 2.0,
+            "batch_size": 3,
+            "resources": {"num_cpus": 0.5},
+        },
         "shards": {"samples_per_shard": 4},
         "ray": {"in_process": True},
     }

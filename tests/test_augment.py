@@ -20,8 +20,11 @@ import webdataset as wds
 from augment_helpers import shard_files, start_augment, write_config
 from PIL import Image
 
-from jobs.augment import load_config, run
+from jobs.augment import run
 from pipeline.errors import UserError
+from stages.augment_pipeline import load_config
+
+pytestmark = [pytest.mark.slow]
 
 KEY = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 REPO = Path(__file__).resolve().parents[1]

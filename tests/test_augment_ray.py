@@ -6,7 +6,10 @@ import pytest
 import yaml
 from augment_helpers import shard_files, start_augment, write_config
 
-from jobs.augment import load_config, run
+from jobs.augment import run
+from stages.augment_pipeline import load_config
+
+pytestmark = [pytest.mark.slow]
 
 
 def test_ray_run_matches_in_process_and_reads_back(

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
@@ -38,6 +40,11 @@ def own_ports() -> str:
         f"--dashboard-agent-listen-port {free_port()} --dashboard-agent-grpc-port {free_port()} "
         f"--metrics-export-port {free_port()} --runtime-env-agent-port {free_port()}"
     )
+
+
+# Custom resources that pin the stages: inversion to the head node, generation to worker nodes.
+HEAD_RESOURCE = "tailseed_test_head"
+WORKER_RESOURCE = "tailseed_test_worker"
 
 
 class Cluster:
@@ -77,6 +84,7 @@ class Cluster:
     def start_head(self) -> None:
         self._start(
             f"--head --port {self.gcs} --num-cpus 1 --object-store-memory 100000000 "
+            f"--resources '{json.dumps({HEAD_RESOURCE: 1})}' "
             f"--dashboard-host 127.0.0.1 --dashboard-port {self.dash} --include-dashboard true "
             f"--temp-dir {self.tmp}",
             "head",
@@ -84,9 +92,11 @@ class Cluster:
         self.wait_for_nodes(1)
 
     def start_worker(self, name: str, extra_env: dict | None = None) -> subprocess.Popen:
-        """A worker node with one CPU; `extra_env` reaches the actors that run on it."""
+        """A worker node with one CPU and the worker resource; `extra_env` reaches the actors that
+        run on it."""
         return self._start(
-            f"--address 127.0.0.1:{self.gcs} --num-cpus 1 --object-store-memory 100000000",
+            f"--address 127.0.0.1:{self.gcs} --num-cpus 1 --object-store-memory 100000000 "
+            f"--resources '{json.dumps({WORKER_RESOURCE: 2})}'",
             name,
             extra_env,
         )
@@ -146,16 +156,26 @@ def cluster():
 
 
 def short_config(out: Path) -> Path:
-    """The default config, shortened: 16 generated images in 4 shards; 2 generate actors."""
+    """The default config, shortened: 16 generated images in 4 shards. Inversion can only run on
+    the head node and generation (with its writer) only on a worker node, through custom
+    resources, so which node does what never depends on which is scheduled first."""
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     config["output_dir"] = str(out)  # shared storage: every node writes its shards here
     config["select"]["quota"] = 18  # 8 generated per tail class: a short run
     config["generate"]["num_inference_steps"] = 10
     config["shards"]["samples_per_shard"] = 4
     config["invert"]["solver"]["num_inference_steps"] = 10
-    config["invert"]["resources"] = {"num_actors": 1, "num_cpus": 0.75}
-    # one 0.75-CPU generate actor fits per 1-CPU node: the pool spans both nodes
-    config["generate"]["resources"] = {"num_actors": 2, "num_cpus": 0.75}
+    config["invert"]["resources"] = {
+        "num_actors": 1,
+        "num_cpus": 0.75,
+        "custom": {HEAD_RESOURCE: 1},
+    }
+    # the writer takes the generator's custom resource too (1 more) and 0.25 CPU: both fit
+    config["generate"]["resources"] = {
+        "num_actors": 1,
+        "num_cpus": 0.75,
+        "custom": {WORKER_RESOURCE: 1},
+    }
     path = REPO / "configs" / f".test-cluster-{os.getpid()}-{out.parent.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -200,7 +220,7 @@ def test_submitted_job_runs_on_both_nodes(cluster, tmp_path):
     assert "SUCCEEDED" in stdout
     run = json.loads((out / "run.json").read_text())
     assert run["counts"]["samples"] == 16
-    assert len(run["node_ids"]) == 2, run["node_ids"]  # the worker node did part of the work
+    assert len(run["node_ids"]) == 2, run["node_ids"]  # each node did its part of the work
     assert len(list((out / "shards").glob("*_stats.json"))) == 4
 
 
@@ -211,7 +231,8 @@ def test_worker_node_killed_mid_run_then_resume(cluster, tmp_path, after_kill):
     there and finish), or the job is stopped at once ("stop_job": the run is left unfinished, and
     only the rerun can complete it). Either way a rerun of the same command ends with every shard
     complete, nothing lost or duplicated, and bytes equal to an uninterrupted run."""
-    from jobs.augment import load_config, run
+    from jobs.augment import run
+    from stages.augment_pipeline import load_config
 
     out = tmp_path / "out"
     shards = out / "shards"
@@ -219,8 +240,9 @@ def test_worker_node_killed_mid_run_then_resume(cluster, tmp_path, after_kill):
     try:
         cluster.kill(cluster.worker)
         cluster.wait_for_nodes(1)
-        # the node to be killed writes slowly: a half-written shard sits there for 20 s
-        doomed = cluster.start_worker("doomed", {"TAILSEED_SLOW_WRITE_S": "20"})
+        # the node to be killed holds its first shard half written until it is killed; it is
+        # the only node that can generate, so nothing else finishes the run meanwhile
+        doomed = cluster.start_worker("doomed", {"TAILSEED_SLOW_WRITE_S": "900"})
         cluster.wait_for_nodes(2)
         proc = make_augment(path, cluster, tmp_path / "make1.log")
         # kill when a shard has sat half written for 2 s (the doomed node's), or at the latest

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.augment import AugmentConfig, load_config, output_hash
 from pipeline.config import from_dict
 from pipeline.errors import UserError
+from stages.augment_pipeline import AugmentConfig, load_config, output_hash
 
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -60,3 +60,48 @@ def test_output_hash_ignores_where_and_how_fast():
     different = load_config(DEFAULT, ["generate.batch_size=8"])
     assert output_hash(base) == output_hash(same)
     assert output_hash(base) != output_hash(different)
+
+
+# The hash of configs/default.yaml: a refactor must not orphan a user's output folder. Change it
+# only with a change that is meant to change what the default run produces.
+DEFAULT_HASH = "88c267a6de744ad2"
+# The keys of configs/default.yaml that describe its dataset rather than defaults of the method.
+DATASET_KEYS = {("dataset", "path"), ("dataset", "materialize"), ("select", "prompt_template")}
+
+
+def _flat(data: dict, prefix: tuple = ()) -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, (*prefix, key)))
+        else:
+            out[(*prefix, key)] = value
+    return out
+
+
+def test_default_config_hash_is_pinned():
+    assert output_hash(load_config(DEFAULT)) == DEFAULT_HASH
+
+
+def test_a_minimal_config_takes_the_values_of_default_yaml(tmp_path):
+    from pipeline.config import to_dict
+
+    minimal = tmp_path / "birds.yaml"
+    minimal.write_text("name: birds\ndataset:\n  path: /data/birds\n")
+    got = _flat(to_dict(load_config(minimal)))
+    want = _flat(to_dict(load_config(DEFAULT)))
+    differ = {k for k in want if got[k] != want[k]} - {("name",)}
+    assert differ == DATASET_KEYS
+    assert got[("generate", "guidance_scale")] == 2.0
+    assert got[("generate", "num_inference_steps")] == 50
+
+
+def test_generation_follows_the_inversion_unless_set():
+    followed = load_config(DEFAULT, ["invert.solver.guidance_scale=3.5"])
+    assert followed.generate.guidance_scale == 3.5
+    assert followed.generate.num_inference_steps == 50
+    own = load_config(
+        DEFAULT, ["generate.guidance_scale=5", "invert.solver.num_inference_steps=20"]
+    )
+    assert own.generate.guidance_scale == 5.0 and own.generate.num_inference_steps == 20
+    assert output_hash(own) != output_hash(load_config(DEFAULT))

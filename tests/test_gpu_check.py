@@ -7,7 +7,9 @@ import re
 import pytest
 import torch
 
-from jobs import gpu_check
+from research import gpu_check
+
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")

@@ -100,6 +100,7 @@ def test_anderson_and_plain_iteration_converge_to_the_same_seed(tiny_pipe):
     torch.testing.assert_close(accel.seed, plain.seed, rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_embedded_model_fixed_point_round_trip_beats_ddim(embedded_pipe):
     """On the trained digits model at guidance 2: DDIM inversion loses detail, FPI keeps it, and
     Anderson with the free predictor reaches the same seed with fewer evaluations."""
@@ -142,7 +143,10 @@ def test_batch_of_n_equals_n_batches_of_one(tiny_pipe):
 
 def test_same_inputs_give_identical_output(tiny_pipe):
     images = _random_images(2, 16, seed=3)
-    inverter = inv.Inverter(tiny_pipe, inv.InversionConfig(num_inference_steps=6))
+    # every sample runs to max_iters (tol 0), so each UNet batch holds the same samples whatever
+    # the other sample's noise: the per-sample comparison below is then bitwise
+    config = inv.InversionConfig(num_inference_steps=6, max_iters=4, tol=0.0)
+    inverter = inv.Inverter(tiny_pipe, config)
     a = inverter.invert(images, [PROMPT] * 2, [5, 6])
     b = inverter.invert(images, [PROMPT] * 2, [5, 6])
     for key in a:
@@ -150,8 +154,9 @@ def test_same_inputs_give_identical_output(tiny_pipe):
     c = inverter.invert(images, [PROMPT] * 2, [7, 6])  # another adjustment noise for sample 0
     assert not np.array_equal(a["seed"][0], c["seed"][0])
     np.testing.assert_array_equal(a["seed"][1], c["seed"][1])
-    g1 = inverter.generate(a["seed"], [PROMPT] * 2, 2.0, 6)
-    g2 = inverter.generate(a["seed"], [PROMPT] * 2, 2.0, 6)
+    sampler = inv.Sampler(tiny_pipe)
+    g1 = sampler.generate(a["seed"], [PROMPT] * 2, 2.0, 6)
+    g2 = sampler.generate(a["seed"], [PROMPT] * 2, 2.0, 6)
     assert g1.dtype == np.uint8 and g1.shape == (2, 16, 16, 3)
     np.testing.assert_array_equal(g1, g2)
 
@@ -269,6 +274,7 @@ def test_solver_runs_with_gradients_enabled(tiny_pipe):
     assert cond.grad is not None and torch.isfinite(cond.grad).all()
 
 
+@pytest.mark.slow
 def test_reduced_precision_model_with_float32_solver_state(embedded_pipe):
     """The float16-on-CUDA path, run on the CPU in bfloat16: modules in reduced precision, the
     solver state float32. Seeds come out float32 and finite, and reconstruct nearly as well as in
@@ -284,5 +290,5 @@ def test_reduced_precision_model_with_float32_solver_state(embedded_pipe):
     assert out["seed"].dtype == np.float32 and np.isfinite(out["seed"]).all()
     assert not out["failed"].any()
     assert np.mean(out["recon_psnr"]) > np.mean(full["recon_psnr"]) - 3.0
-    regenerated = low.generate(out["seed"], prompts, config.guidance_scale, 10)
+    regenerated = inv.Sampler(low_pipe).generate(out["seed"], prompts, config.guidance_scale, 10)
     assert regenerated.dtype == np.uint8 and regenerated.shape == images.shape

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline import inversion as inv
@@ -52,6 +53,7 @@ def test_null_text_counts_nfe_and_regenerates_with_its_embeddings(tiny_pipe):
     assert z.shape == z0.shape and torch.isfinite(z).all()
 
 
+@pytest.mark.slow
 def test_null_text_beats_ddim_at_guidance_7_5(embedded_pipe):
     """The null-text paper's claim on the trained digits model, two real digits, 10 steps."""
     images8, labels = load_digits_arrays()

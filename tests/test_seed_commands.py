@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -21,6 +23,7 @@ def main(monkeypatch):
     return cli.main
 
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "4", "--max-iters", "3", "--guidance-scale", "2"]
 
 
@@ -79,16 +82,48 @@ def _invert_fails(main, tmp_path, model_dir, image) -> int:
     return code
 
 
-def test_non_square_image_is_rejected_naming_it(main, tmp_path, tiny_model_dir, capsys):
-    Image.new("RGB", (20, 10)).save(tmp_path / "wide.png")
-    assert _invert_fails(main, tmp_path, tiny_model_dir, tmp_path / "wide.png") == 2
-    assert "wide.png: is 20x10" in capsys.readouterr().err
+def test_non_square_image_is_centre_cropped_as_augment_does(main, tmp_path, tiny_model_dir, capsys):
+    from pipeline.images import decode_image
+
+    wide = tmp_path / "wide.png"
+    array = np.random.default_rng(0).integers(0, 256, (10, 20, 3), dtype=np.uint8)
+    Image.fromarray(array).save(wide)
+    seeds = tmp_path / "s.parquet"
+    argv = ["invert", "--model", str(tiny_model_dir), "--prompt", "p", "--out", str(seeds)]
+    assert main(argv + [*FAST, str(wide)]) == 0
+    assert "wide.png: centre-cropped and resized 20x10 -> 16x16" in capsys.readouterr().err
+    from jobs.seed_commands import load_image
+
+    np.testing.assert_array_equal(load_image(wide, 16), decode_image(wide.read_bytes(), 16))
 
 
 def test_unreadable_image_is_rejected_naming_it(main, tmp_path, tiny_model_dir, capsys):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     assert _invert_fails(main, tmp_path, tiny_model_dir, tmp_path / "broken.png") == 2
-    assert "broken.png: cannot be read" in capsys.readouterr().err
+    assert "broken.png: not an image" in capsys.readouterr().err
+
+
+def test_invert_defaults_are_the_augment_defaults():
+    import argparse
+    import dataclasses
+
+    from jobs.seed_commands import add_parser
+    from pipeline.inversion import InversionConfig
+    from stages.augment_pipeline import load_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["invert", "--prompt", "p", "--out", "s.parquet", "a.png"])
+    got = InversionConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(InversionConfig)}
+    )
+    default_yaml = load_config(REPO / "configs" / "default.yaml")
+    assert got == default_yaml.invert.solver == InversionConfig()
+    help_text = (
+        parser.format_help() + parser._subparsers._group_actions[0].choices["invert"].format_help()
+    )
+    for f in dataclasses.fields(InversionConfig):  # every solver setting is a documented flag
+        assert f"--{f.name.replace('_', '-')}" in help_text or f.name == "num_inference_steps"
 
 
 def test_duplicate_keys_are_an_error(main, tmp_path, tiny_model_dir, capsys):

@@ -23,6 +23,7 @@ from research.train_tiny_model import (
 )
 
 
+@pytest.mark.slow
 def test_training_job_runs_and_saves_a_loadable_pipeline(tmp_path):
     cfg = replace(
         TrainConfig(),

@@ -31,7 +31,7 @@ def as_tuple(w: WalkSeed):
 @pytest.mark.parametrize("method", ["lerp", "slerp", "nao"])
 def test_count_shapes_and_provenance(method):
     x, keys = class_seeds(5)
-    walks = sample_walks(x, keys, 23, method=method, seed=1, class_name="four")
+    walks = sample_walks(x, keys, 23, method=method, rng_seed=1, class_name="four")
     assert len(walks) == 23
     for w in walks:
         assert w.seed.shape == SHAPE and w.seed.dtype == np.float32
@@ -46,17 +46,17 @@ def test_count_shapes_and_provenance(method):
 @pytest.mark.parametrize("method", ["lerp", "slerp", "nao"])
 def test_same_inputs_and_seed_give_identical_walks(method):
     x, keys = class_seeds(4)
-    first = sample_walks(x, keys, 12, method=method, seed=7)
-    second = sample_walks(x.copy(), list(keys), 12, method=method, seed=7)
+    first = sample_walks(x, keys, 12, method=method, rng_seed=7)
+    second = sample_walks(x.copy(), list(keys), 12, method=method, rng_seed=7)
     assert [as_tuple(w) for w in first] == [as_tuple(w) for w in second]
-    other = sample_walks(x, keys, 12, method=method, seed=8)
+    other = sample_walks(x, keys, 12, method=method, rng_seed=8)
     assert [as_tuple(w) for w in other] != [as_tuple(w) for w in first]
 
 
 @pytest.mark.parametrize("method", ["lerp", "slerp", "nao"])
 def test_no_new_seed_is_a_source_or_next_to_one(method):
     x, keys = class_seeds(3)
-    walks = sample_walks(x, keys, 30, method=method, seed=2)
+    walks = sample_walks(x, keys, 30, method=method, rng_seed=2)
     gap = min(np.linalg.norm(x[i] - x[j]) for i in range(3) for j in range(i + 1, 3))
     for w in walks:
         nearest = min(np.linalg.norm(w.seed - s) for s in x)
@@ -68,14 +68,14 @@ def test_no_new_seed_is_a_source_or_next_to_one(method):
 def test_pair_weights_recreate_lerp_seeds():
     x, keys = class_seeds(4)
     index = {k: i for i, k in enumerate(keys)}
-    for w in sample_walks(x, keys, 10, method="lerp", seed=3):
+    for w in sample_walks(x, keys, 10, method="lerp", rng_seed=3):
         a, b = (x[index[k]] for k in w.sources)
         assert np.allclose(w.seed, w.weights[0] * a + w.weights[1] * b, atol=1e-5)
 
 
 def test_walks_spread_over_all_pairs_before_repeating():
     x, keys = class_seeds(5)
-    walks = sample_walks(x, keys, 10, method="slerp", seed=4)  # 10 pairs of 5 seeds
+    walks = sample_walks(x, keys, 10, method="slerp", rng_seed=4)  # 10 pairs of 5 seeds
     assert len({w.sources for w in walks}) == 10
 
 
@@ -85,7 +85,7 @@ def test_nao_walk_seeds_stay_near_the_shell_where_lerp_dips():
     for method, low in [("nao", 0.85), ("lerp", None)]:
         ratios = [
             np.linalg.norm(w.seed) / math.sqrt(dim)
-            for w in sample_walks(x, keys, 12, method=method, seed=5)
+            for w in sample_walks(x, keys, 12, method=method, rng_seed=5)
         ]
         if low is None:
             assert min(ratios) < 0.8
@@ -96,7 +96,7 @@ def test_nao_walk_seeds_stay_near_the_shell_where_lerp_dips():
 def test_centroid_walk_weights_name_the_leg_and_centroid():
     x, keys = class_seeds(5)
     walks = [
-        w for w in sample_walks(x, keys, 30, method="nao", seed=6) if w.method == "nao_centroid"
+        w for w in sample_walks(x, keys, 30, method="nao", rng_seed=6) if w.method == "nao_centroid"
     ]
     assert walks, "nao with 5 seeds takes some seeds from centroid walks"
     centroids = [w for w in walks if len(set(w.weights)) == 1]
@@ -106,7 +106,7 @@ def test_centroid_walk_weights_name_the_leg_and_centroid():
 
 def test_two_seeds_are_enough_and_count_zero_is_empty():
     x, keys = class_seeds(2)
-    assert len(sample_walks(x, keys, 5, seed=0)) == 5
+    assert len(sample_walks(x, keys, 5, rng_seed=0)) == 5
     assert sample_walks(x, keys, 0) == []
 
 
@@ -138,5 +138,5 @@ def test_bad_input_names_the_class_and_keys():
 def test_duplicate_seeds_are_not_walked_between():
     x, keys = class_seeds(3)
     x[2] = x[0]
-    for w in sample_walks(x, keys, 12, method="nao", seed=0):
+    for w in sample_walks(x, keys, 12, method="nao", rng_seed=0):
         assert set(w.sources) != {"four_00", "four_02"}

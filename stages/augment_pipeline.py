@@ -1,0 +1,87 @@
+"""The augment pipeline declared: its config (one section per stage) and its stages in order.
+
+`make augment` and `tailseed augment` load a YAML file into `AugmentConfig`; the dataclass
+defaults are the defaults (configs/default.yaml says the same values, with why). The shard stages
+run in the order of SHARD_STAGES on every shard: a stage between generate and write is one file
+in stages/ and one entry here, with its config section beside the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from pipeline.config import NOT_HASHED, apply_overrides, config_hash, from_dict, load_yaml
+from pipeline.errors import UserError
+from pipeline.models import ModelSpec
+from stages.generate import GenerateConfig, GenerateStage
+from stages.invert import InvertConfig
+from stages.scan import ScanConfig
+from stages.select import SelectConfig
+from stages.walk import WalkConfig
+from stages.write import ShardsConfig, WriteStage
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # "" starts a local Ray; inside a Ray job the job's cluster is used
+    local_num_cpus: int = 0  # CPUs of the local Ray (0: all of this machine's)
+    object_store_mb: int = 256  # small: blocks are small, and Ray's default takes 30% of RAM
+    in_process: bool = False  # run the stages in this process, without Ray
+    runtime_pip: list[str] = field(default_factory=list)  # packages a cluster's image lacks
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    name: str = field(default="default", metadata=NOT_HASHED)
+    output_dir: str = field(default="", metadata=NOT_HASHED)  # default: out/<name>
+    model: ModelSpec = field(default_factory=ModelSpec)
+    dataset: ScanConfig = field(default_factory=ScanConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    invert: InvertConfig = field(default_factory=InvertConfig)
+    walk: WalkConfig = field(default_factory=WalkConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    ray: RayConfig = field(default_factory=RayConfig, metadata=NOT_HASHED)
+
+    def __post_init__(self) -> None:
+        # Generation follows the inversion where the config leaves it open.
+        solver, gen = self.invert.solver, self.generate
+        resolved = replace(
+            gen,
+            guidance_scale=solver.guidance_scale
+            if gen.guidance_scale is None
+            else gen.guidance_scale,
+            num_inference_steps=solver.num_inference_steps
+            if gen.num_inference_steps is None
+            else gen.num_inference_steps,
+        )
+        object.__setattr__(self, "generate", resolved)
+
+    def out(self) -> Path:
+        return Path(self.output_dir or f"out/{self.name}")
+
+
+# The stages every shard goes through, in order. Each has `name` and
+# `spec(config: AugmentConfig, shards_dir: Path) -> pipeline.runner.Stage`; the first takes the
+# unit that GenerateStage.unit builds, the last writes the shard and its done-marker.
+SHARD_STAGES = (GenerateStage, WriteStage)
+
+
+def shard_stages(config: AugmentConfig, shards_dir: Path) -> list:
+    """The runner's stages for the shard chain of `config`."""
+    return [stage.spec(config, shards_dir) for stage in SHARD_STAGES]
+
+
+def output_hash(config: AugmentConfig) -> str:
+    """Hash of every setting that affects the output (fields marked NOT_HASHED are left out)."""
+    return config_hash(config)
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> AugmentConfig:
+    """A YAML config file (plus `--set key=value` overrides) as an AugmentConfig, strictly."""
+    data = apply_overrides(load_yaml(path), list(overrides))
+    try:
+        return from_dict(AugmentConfig, data)
+    except UserError as exc:
+        raise UserError(f"config {path}: {exc}") from exc
