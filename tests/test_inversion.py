@@ -197,6 +197,25 @@ def test_nfe_counts_guidance_adjustment_and_iterations(tiny_pipe):
     assert adjusted["nfe"].tolist() == [steps * iters + 4] * 2
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(method="fixed_point", predictor="ddim", tol=0.0, adjust_strength=0.01),
+        dict(method="anderson", adjust_strength=0.05, adjust_guidance=1.0),
+        dict(method="ddim", guidance_scale=1.0, adjust_strength=0.3),
+    ],
+)
+def test_the_solvers_nfe_bound_holds_and_is_reached(tiny_pipe, settings):
+    """The plan's NFE estimate asks the solver: never below what runs, exact at a fixed count."""
+    config = inv.InversionConfig(num_inference_steps=4, max_iters=3, **settings)
+    out = inv.Inverter(tiny_pipe, config).invert(
+        _random_images(2, 16, seed=6), [PROMPT] * 2, [0, 1]
+    )
+    assert (out["nfe"] <= inv.max_nfe(config)).all()
+    if config.tol == 0.0 or config.method == "ddim":
+        assert out["nfe"].tolist() == [inv.max_nfe(config)] * 2
+
+
 def test_nan_sample_is_reported_failed_and_the_batch_continues(tiny_pipe):
     z0, cond, uncond = _latents(tiny_pipe, _random_images(3, 16, seed=6), [PROMPT] * 3)
     schedule = inv.ddim_schedule(tiny_pipe.scheduler, 6)
