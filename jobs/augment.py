@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import to_dict
+from pipeline.datasets import Listing
 from pipeline.errors import UserError
 from pipeline.models import describe_model
 from pipeline.output_folder import (
@@ -34,11 +35,13 @@ from pipeline.runner import LocalRunner, RayRunner
 from pipeline.seed_table import provenance, read_seeds, read_walks, write_seeds, write_walks
 from pipeline.shards import atomic_write, dumps, shard_done, write_index
 from stages.augment_pipeline import AugmentConfig, load_config, output_hash, shard_stages
+from stages.filter import REASONS as FILTER_REASONS
+from stages.filter import prepare as prepare_filter
 from stages.generate import GenerateStage
 from stages.invert import InvertStage, seed_rows
 from stages.scan import EMBEDDED, scan
 from stages.select import ClassPlan, select
-from stages.walk import make_walks
+from stages.walk import make_walks, shard_slots
 
 
 def log(message: str) -> None:
@@ -59,7 +62,9 @@ class Plan:
     plans: list[ClassPlan]
     left_out: dict[str, str]
     scan_skipped: Counter
+    listing: Listing
     failed: dict[str, str] = field(default_factory=dict)  # source key -> why its inversion failed
+    filter: dict = field(default_factory=dict)  # the filter's judge and threshold, when on
 
 
 def make_plan(config: AugmentConfig) -> Plan:
@@ -79,6 +84,7 @@ def make_plan(config: AugmentConfig) -> Plan:
         plans,
         left_out,
         listing.skipped,
+        listing,
     )
 
 
@@ -104,11 +110,13 @@ def estimate_nfe(plan: Plan) -> dict:
     prompt_only = cfg.walk.method == "prompt"
     sources = 0 if prompt_only else sum(len(p.source_keys) for p in plan.plans)
     generated = sum(p.to_generate for p in plan.plans)
+    candidates = generated * cfg.filter.pool
     return {
         "invert_max": sources * InvertStage.max_nfe(cfg.invert),
-        "generate": GenerateStage.nfe(cfg.generate, generated),
+        "generate": GenerateStage.nfe(cfg.generate, candidates),
         "sources": sources,
         "images": generated,
+        "candidates": candidates,
     }
 
 
@@ -125,9 +133,14 @@ def describe_plan(plan: Plan) -> list[str]:
     for name, reason in plan.left_out.items():
         lines.append(f"left out {name!r}: {reason}")
     est = estimate_nfe(plan)
+    pool = ""
+    if plan.config.filter.enabled:
+        pool = (
+            f" (the best of {est['candidates']} candidates, filter pool x{plan.config.filter.pool})"
+        )
     lines.append(
-        f"images to generate: {est['images']}; UNet evaluations: inversion <= {est['invert_max']}, "
-        f"generation {est['generate']}"
+        f"images to generate: {est['images']}{pool}; UNet evaluations: inversion <= "
+        f"{est['invert_max']}, generation {est['generate']}"
     )
     return lines
 
@@ -224,7 +237,7 @@ def run_walks(plan: Plan, seeds: dict[int, list[dict]], out: Path) -> dict[int, 
             p.class_name,
             stacked,
             keys,
-            p.to_generate,
+            p.to_generate * cfg.filter.pool,
             cfg.walk,
             plan.config_hash,
             plan.model["latent_shape"],
@@ -251,37 +264,27 @@ def run_walks(plan: Plan, seeds: dict[int, list[dict]], out: Path) -> dict[int, 
     return walks
 
 
-def interleave(walks: dict[int, list[dict]]) -> list[dict]:
-    """All classes' walk rows in one fixed order, round-robin over classes, so shards mix classes."""
-    queues = [list(walks[c]) for c in sorted(walks)]
-    order = []
-    while any(queues):
-        for q in queues:
-            if q:
-                order.append(q.pop(0))
-    return order
-
-
 def run_generation(
-    plan: Plan, ordered: list[dict], runner, out: Path, timings: dict, nodes: set
+    plan: Plan, slots: list[list[dict]], runner, out: Path, timings: dict, nodes: set
 ) -> int:
-    """Generate and write every shard that is not done yet; returns the number of shards."""
+    """Generate (and filter) and write every shard that is not done yet; returns the number of
+    shards. A shard is `samples_per_shard` slots, each of `filter.pool` candidates."""
     cfg = plan.config
     per = cfg.shards.samples_per_shard
-    num_shards = (len(ordered) + per - 1) // per
+    num_shards = (len(slots) + per - 1) // per
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     inversion = to_dict(cfg.invert.solver)
+    knobs = {"perturb_angle": cfg.walk.perturb_angle}
 
     def meta(row: dict) -> str:
-        return provenance(row, inversion, plan.config_hash)
+        return provenance(row, inversion, plan.config_hash, knobs)
 
     units = {}
     for s in range(num_shards):
         if shard_done(shards_dir, s):
             continue
-        rows = ordered[s * per : (s + 1) * per]
-        units[s] = GenerateStage.unit(s, rows, meta)
+        units[s] = GenerateStage.unit(s, slots[s * per : (s + 1) * per], meta)
     done_before = num_shards - len(units)
     if done_before:
         log(f"generate: {done_before}/{num_shards} shards already done, skipped")
@@ -369,10 +372,12 @@ def finalize(
             "shards": num_shards,
             "skipped_listing": dict(plan.scan_skipped),
             "skipped_sources": {p.class_name: dict(p.skipped) for p in plan.plans if p.skipped},
-            "skipped_generation": dict(skipped),
+            "skipped_generation": {k: v for k, v in skipped.items() if k not in FILTER_REASONS},
+            "dropped_by_filter": {k: v for k, v in skipped.items() if k in FILTER_REASONS},
             "inversion_failed": plan.failed,
             "left_out_classes": plan.left_out,
         },
+        "filter": plan.filter,
         "timings": timings,
         "node_ids": sorted(n for n in nodes if n),
         "contact_sheets": sheets,
@@ -412,8 +417,17 @@ def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False
     try:
         seeds = run_inversion(plan, runner, out, timings, nodes)
         walks = run_walks(plan, seeds, out)
-        ordered = interleave(walks)
-        num_shards = run_generation(plan, ordered, runner, out, timings, nodes)
+        if config.filter.enabled:
+            plan.filter = prepare_filter(
+                config.filter,
+                plan.listing,
+                plan.model["image_size"],
+                config.dataset.image_column,
+                out / "filter",
+                log,
+            )
+        slots = shard_slots(walks, config.filter.pool)
+        num_shards = run_generation(plan, slots, runner, out, timings, nodes)
     finally:
         runner.shutdown()
     report = finalize(plan, out, num_shards, timings, nodes, started)

@@ -167,7 +167,9 @@ def hashed_dict(obj: Any) -> Any:
     for f in dataclasses.fields(obj):
         rule = f.metadata.get("hashed", True)
         value = getattr(obj, f.name)
-        if rule is False or (rule == "unless_default" and value == _default_of(f)):
+        if rule is False:
+            continue
+        if rule == "unless_default" and hashed_dict(value) == hashed_dict(_default_of(f)):
             continue
         out[f.name] = hashed_dict(value)
     return out

@@ -118,9 +118,11 @@ def seed_row(
     }
 
 
-def provenance(row: dict, inversion: dict, config_hash: str) -> str:
+def provenance(row: dict, inversion: dict, config_hash: str, knobs: dict) -> str:
     """A generated sample's `<key>.json`: a walks row's provenance (without the seed itself), the
-    inversion settings and the config hash, as canonical JSON."""
+    inversion settings, the knobs that made it beyond its row (e.g. the seed perturbation angle)
+    and the config hash, as canonical JSON. The walk position is in `weights`, the generation
+    guidance in `guidance_scale`."""
     return json.dumps(
         {
             "key": row["key"],
@@ -135,6 +137,7 @@ def provenance(row: dict, inversion: dict, config_hash: str) -> str:
             "model": row["model"],
             "model_hash": row["model_hash"],
             "inversion": inversion,
+            **knobs,
             "config_hash": config_hash,
         },
         sort_keys=True,

@@ -11,9 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.config import NOT_HASHED, apply_overrides, config_hash, from_dict, load_yaml
+from pipeline.config import (
+    HASHED_UNLESS_DEFAULT,
+    NOT_HASHED,
+    apply_overrides,
+    config_hash,
+    from_dict,
+    load_yaml,
+)
 from pipeline.errors import UserError
 from pipeline.models import ModelSpec
+from stages.filter import FilterConfig, FilterStage
 from stages.generate import GenerateConfig, GenerateStage
 from stages.invert import InvertConfig
 from stages.scan import ScanConfig
@@ -41,6 +49,7 @@ class AugmentConfig:
     invert: InvertConfig = field(default_factory=InvertConfig)
     walk: WalkConfig = field(default_factory=WalkConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig, metadata=HASHED_UNLESS_DEFAULT)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     ray: RayConfig = field(default_factory=RayConfig, metadata=NOT_HASHED)
 
@@ -65,12 +74,14 @@ class AugmentConfig:
 # The stages every shard goes through, in order. Each has `name` and
 # `spec(config: AugmentConfig, shards_dir: Path) -> pipeline.runner.Stage`; the first takes the
 # unit that GenerateStage.unit builds, the last writes the shard and its done-marker.
-SHARD_STAGES = (GenerateStage, WriteStage)
+# A stage whose spec is None for a config (the filter when it is off) is left out.
+SHARD_STAGES = (GenerateStage, FilterStage, WriteStage)
 
 
 def shard_stages(config: AugmentConfig, shards_dir: Path) -> list:
     """The runner's stages for the shard chain of `config`."""
-    return [stage.spec(config, shards_dir) for stage in SHARD_STAGES]
+    specs = [stage.spec(config, shards_dir) for stage in SHARD_STAGES]
+    return [s for s in specs if s is not None]
 
 
 def output_hash(config: AugmentConfig) -> str:

@@ -2,7 +2,8 @@
 
 Unit in:  shard (N,) int64 (all equal), key (N,) str, seed (N, C, h, w) float32, prompt (N,) str,
           guidance_scale (N,) float64, num_inference_steps (N,) int64, cls (N,) int64,
-          meta (N,) str (the sample's provenance JSON).
+          meta (N,) str (the sample's provenance JSON), slots (N,) int64 (images its class keeps
+          in the shard: N's rows of a class when there is no filter pool).
 Unit out: the unit without `seed`, plus image (N, H, W, 3) uint8 and ok (N,) bool.
 One unit is one shard; PNG encoding is left to the writer, a separate actor, so that it overlaps
 with the next shard's model work instead of keeping the GPU waiting.
@@ -72,8 +73,14 @@ class GenerateStage:
         return Stage(GenerateStage.name, GenerateStage, kwargs, config.generate.resources)
 
     @staticmethod
-    def unit(shard: int, rows: list[dict], provenance) -> dict[str, np.ndarray]:
-        """One shard's unit from its walks rows; provenance(row) -> the sample's JSON."""
+    def unit(shard: int, slots: list[list[dict]], provenance) -> dict[str, np.ndarray]:
+        """One shard's unit from its slots (each a list of walks rows: the candidates for one
+        image kept); provenance(row) -> the sample's JSON. `slots` says, per row, how many images
+        its class keeps in this shard."""
+        rows = [r for slot in slots for r in slot]
+        per_class: dict[int, int] = {}
+        for slot in slots:
+            per_class[slot[0]["class_index"]] = per_class.get(slot[0]["class_index"], 0) + 1
         return {
             "shard": np.full(len(rows), shard, dtype=np.int64),
             "key": np.asarray([r["key"] for r in rows]),
@@ -83,6 +90,7 @@ class GenerateStage:
             "num_inference_steps": np.asarray([r["num_inference_steps"] for r in rows], np.int64),
             "cls": np.asarray([r["class_index"] for r in rows], dtype=np.int64),
             "meta": np.asarray([provenance(r) for r in rows]),
+            "slots": np.asarray([per_class[r["class_index"]] for r in rows], np.int64),
         }
 
     @staticmethod

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from pipeline.config import stable_hash
+from pipeline.config import HASHED_UNLESS_DEFAULT, stable_hash
 from pipeline.errors import UserError
 from pipeline.walks import METHODS as WALK_METHODS
 from pipeline.walks import sample_walks
@@ -22,10 +23,16 @@ class WalkConfig:
     # inversion: the plain text-to-image baseline, written the same way)
     method: str = "nao"
     seed: int = 0  # which pairs and positions are drawn; same seed, same walks
+    # Radians: each walk seed z becomes cos(a) z + sin(a) eps, eps a standard normal drawn from
+    # the seed's key. 0 keeps the walks as they are; larger moves the images away from the
+    # sources (the norm stays in the prior's range: both terms are seed-like).
+    perturb_angle: float = field(default=0.0, metadata=HASHED_UNLESS_DEFAULT)
 
     def validate(self, where: str) -> None:
         if self.method not in METHODS:
             raise UserError(f"{where}.method: {self.method!r}; use one of {', '.join(METHODS)}")
+        if not 0 <= self.perturb_angle <= math.pi / 2:
+            raise UserError(f"{where}.perturb_angle: {self.perturb_angle} is not in [0, pi/2]")
 
 
 def walk_key(
@@ -84,13 +91,38 @@ def make_walks(
     )
     rows = []
     for position, w in enumerate(walked):
+        key = walk_key(class_index, position, w.sources, w.weights, w.method, config_hash)
         rows.append(
             {
-                "key": walk_key(class_index, position, w.sources, w.weights, w.method, config_hash),
-                "seed": np.asarray(w.seed, dtype=np.float32),
+                "key": key,
+                "seed": perturbed(np.asarray(w.seed, dtype=np.float32), key, config.perturb_angle),
                 "sources": list(w.sources),
                 "weights": [float(x) for x in w.weights],
                 "method": w.method,
             }
         )
     return rows
+
+
+def perturbed(seed: np.ndarray, key: str, angle: float) -> np.ndarray:
+    """cos(angle) seed + sin(angle) eps, eps standard normal from the key: (C, h, w) float32."""
+    if angle == 0:
+        return seed
+    gen = torch.Generator().manual_seed(int(stable_hash([key, "perturb"], 8), 16))
+    eps = torch.randn(seed.shape, generator=gen).numpy()
+    return (math.cos(angle) * seed + math.sin(angle) * eps).astype(np.float32)
+
+
+def shard_slots(walks: dict[int, list[dict]], pool: int) -> list[list[dict]]:
+    """Every class's walk rows as slots of `pool` candidates (one image kept per slot), in one
+    fixed order, round-robin over classes, so that shards mix classes."""
+    queues = []
+    for c in sorted(walks):
+        rows = walks[c]
+        queues.append([rows[j : j + pool] for j in range(0, len(rows), pool)])
+    order = []
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+    return order

@@ -1,7 +1,8 @@
 """Write: one finished shard -> its tar, then its stats file (the done-marker), in the output folder.
 
 Unit in:  shard (N,) int64 (all equal), key (N,) str, image (N, H, W, 3) uint8, ok (N,) bool,
-          cls (N,) int64, meta (N,) str; other columns are ignored.
+          cls (N,) int64, meta (N,) str, optional skip_reason (N,) str (why a row that is not ok
+          is skipped; "" or absent: generation_failed); other columns are ignored.
 Unit out: shard (1,), samples (1,) int64, skipped (1,) str (JSON: reason -> count).
 Config section `shards` (what it writes), stage `write` (what it does).
 """
@@ -47,11 +48,12 @@ class WriteStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shard = int(batch["shard"][0])
         samples, skipped = [], Counter()
-        for key, image, ok, cls, meta in zip(
-            batch["key"], batch["image"], batch["ok"], batch["cls"], batch["meta"]
+        reasons = batch.get("skip_reason", np.full(len(batch["key"]), ""))
+        for key, image, ok, cls, meta, reason in zip(
+            batch["key"], batch["image"], batch["ok"], batch["cls"], batch["meta"], reasons
         ):
             if not ok:
-                skipped["generation_failed"] += 1
+                skipped[str(reason) or "generation_failed"] += 1
                 continue
             samples.append(
                 {

@@ -140,3 +140,16 @@ def test_duplicate_seeds_are_not_walked_between():
     x[2] = x[0]
     for w in sample_walks(x, keys, 12, method="nao", rng_seed=0):
         assert set(w.sources) != {"four_00", "four_02"}
+
+
+def test_seed_perturbation_moves_seeds_by_the_angle_and_is_reproducible():
+    from stages.walk import perturbed
+
+    z = np.random.default_rng(0).standard_normal((4, 8, 8)).astype(np.float32)
+    assert perturbed(z, "k", 0.0) is z
+    a, b = perturbed(z, "k", 0.6), perturbed(z, "k", 0.6)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(perturbed(z, "other", 0.6), a)  # the noise comes from the key
+    cos = float((a * z).sum() / (np.linalg.norm(a) * np.linalg.norm(z)))
+    assert abs(cos - np.cos(0.6)) < 0.15  # about the angle away from the walk seed
+    assert abs(np.linalg.norm(a) / np.linalg.norm(z) - 1) < 0.2  # a seed-like norm

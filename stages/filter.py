@@ -1,0 +1,246 @@
+"""Filter: keep the best of a pool of generated candidates, judged against the user's own data.
+
+Generation over-generates `pool_factor` candidates per image to keep. Two scores per candidate:
+- the self-judge's probability of the intended class (`pipeline.self_judge`: a small CNN trained
+  only on the user's real images, cross-fitted);
+- the RMS distance to the nearest real image of the dataset (every class, at the judge's working
+  resolution); a candidate closer than the near-copy threshold (a low percentile of the real
+  images' own nearest-neighbour distances within their class) is a near-copy and is dropped.
+Per shard and class, the candidates that are not near-copies are ranked by the judge's score and
+the best are kept, up to the class's slots in the shard. Every kept sample's JSON gains a
+"filter" entry with its scores and the threshold, so a user can re-threshold without regenerating.
+
+Unit in:  the generate stage's output: shard, key, image (N, H, W, 3) uint8, ok (N,) bool,
+          cls (N,) int64, meta (N,) str, slots (N,) int64 (per row: how many samples its class
+          keeps in this shard; equal within a class).
+Unit out: the same columns; rows not kept have ok False and skip_reason set
+          ("near_copy" or "not_kept"), kept rows have their meta extended.
+The judge and the references are prepared once per run by `prepare` (in the driver, before
+generation), saved in the output folder's `filter/` and reused by a rerun.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import NOT_HASHED
+from pipeline.datasets import Listing, read_bytes
+from pipeline.errors import UserError
+from pipeline.images import SkipSample, decode_image
+from pipeline.runner import Resources, Stage
+from pipeline.shards import atomic_write, dumps
+
+REASONS = ("near_copy", "not_kept")  # why a generated candidate is not written
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    enabled: bool = False  # off: every generated image is written (pool_factor is then unused)
+    pool_factor: int = 3  # candidates generated per image kept
+    near_copy_percentile: float = (
+        5.0  # of the real images' within-class nearest-neighbour distances
+    )
+    max_per_class: int = 200  # real images per class decoded for the judge and the references
+    judge_folds: int = 3  # cross-fitted judge models
+    judge_steps: int = 300  # updates per judge model
+    judge_seed: int = 0
+    resources: Resources = field(
+        default_factory=lambda: Resources(num_cpus=0.25), metadata=NOT_HASHED
+    )
+
+    def validate(self, where: str) -> None:
+        if self.pool_factor < 1 or self.judge_folds < 2 or self.judge_steps < 1:
+            raise UserError(f"{where}: pool_factor >= 1, judge_folds >= 2 and judge_steps >= 1")
+        if not 0 <= self.near_copy_percentile <= 100 or self.max_per_class < 2:
+            raise UserError(f"{where}: near_copy_percentile in [0, 100], max_per_class >= 2")
+
+    @property
+    def pool(self) -> int:
+        """Candidates generated per image kept: pool_factor when enabled, else 1."""
+        return self.pool_factor if self.enabled else 1
+
+
+def _real_images(
+    listing: Listing, image_size: int, image_column: str, per_class: int
+) -> tuple[np.ndarray, np.ndarray, Counter]:
+    """Up to `per_class` decoded real images of every class, in key order: (N, S, S, 3) uint8,
+    class indices (N,), and the files skipped by reason."""
+    by_class: dict[int, list] = {}
+    for rec in sorted(listing.records, key=lambda r: r.key):
+        by_class.setdefault(rec.class_index, []).append(rec)
+    images, labels, skipped = [], [], Counter()
+    for c in sorted(by_class):
+        kept = 0
+        for rec in by_class[c]:
+            if kept == per_class:
+                break
+            try:
+                images.append(decode_image(read_bytes(rec.origin, image_column), image_size))
+            except SkipSample as skip:
+                skipped[skip.reason] += 1
+                continue
+            except OSError:
+                skipped["unreadable"] += 1
+                continue
+            labels.append(c)
+            kept += 1
+    return np.stack(images), np.asarray(labels, np.int64), skipped
+
+
+def prepare(
+    config: FilterConfig,
+    listing: Listing,
+    image_size: int,
+    image_column: str,
+    folder: Path,
+    log=print,
+) -> dict:
+    """Train the self-judge and collect the references, once per run, into `folder` (reused when
+    there): judge.safetensors, references.npy and filter.json (what the filter stage reads)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.self_judge import (
+        JudgeTraining,
+        near_copy_threshold,
+        train_self_judge,
+        working_images,
+    )
+
+    summary_path = folder / "filter.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    # 1. the user's own real images, every class (capped per class)
+    images, labels, skipped = _real_images(listing, image_size, image_column, config.max_per_class)
+    class_indices = sorted({int(c) for c in labels})
+    position = {c: i for i, c in enumerate(class_indices)}
+    targets = np.asarray([position[int(c)] for c in labels], np.int64)
+    # 2. the cross-fitted judge, on one thread: the same images give the same judge
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        training = JudgeTraining(config.judge_folds, config.judge_steps, seed=config.judge_seed)
+        judge = train_self_judge(images, targets, len(class_indices), training)
+    finally:
+        torch.set_num_threads(threads)
+    # 3. references and the near-copy threshold, at the judge's working resolution
+    threshold = near_copy_threshold(images, labels, config.near_copy_percentile)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".judge.safetensors.tmp"
+    save_file(judge.state(), str(tmp))
+    load_file(str(tmp))  # written whole before it is renamed
+    tmp.replace(folder / "judge.safetensors")
+    buf = folder / ".references.npy.tmp"
+    with open(buf, "wb") as fh:
+        np.save(fh, working_images(images))
+    buf.replace(folder / "references.npy")
+    summary = {
+        "judge": "judge.safetensors",  # beside this file
+        "references": "references.npy",
+        "class_indices": class_indices,
+        "folds": config.judge_folds,
+        "near_copy_threshold": threshold,
+        "near_copy_percentile": config.near_copy_percentile,
+        "real_images": int(len(labels)),
+        "real_images_skipped": dict(skipped),
+        "judge_out_of_fold_accuracy": round(judge.oof_accuracy, 4),
+        "judge_out_of_fold_accuracy_per_class": {
+            str(class_indices[k]): round(v, 4) for k, v in judge.oof_accuracy_per_class.items()
+        },
+    }
+    atomic_write(summary_path, dumps(summary))
+    log(
+        f"filter: self-judge on {len(labels)} real images, out-of-fold accuracy "
+        f"{judge.oof_accuracy:.1%}; near-copy threshold {threshold:.4f} (RMS, percentile "
+        f"{config.near_copy_percentile:g})"
+    )
+    return summary
+
+
+class FilterStage:
+    """Scores a shard's candidates and keeps the best per class (schema in the module docstring)."""
+
+    name = "filter"
+
+    def __init__(
+        self,
+        judge: str,
+        references: str,
+        class_indices: list[int],
+        folds: int,
+        near_copy_threshold: float,
+        pool_factor: int,
+    ):
+        from safetensors.torch import load_file
+
+        from pipeline.self_judge import SelfJudge
+
+        self.position = {int(c): i for i, c in enumerate(class_indices)}
+        self.judge = SelfJudge.from_state(load_file(judge), len(class_indices), folds)
+        self.references = np.load(references)
+        self.threshold = float(near_copy_threshold)
+        self.pool_factor = int(pool_factor)
+
+    @staticmethod
+    def spec(config, shards_dir: Path) -> Stage | None:
+        """The runner's stage for an AugmentConfig, or None when the filter is off. The judge and
+        references must have been prepared into the output folder's filter/ (see `prepare`)."""
+        if not config.filter.enabled:
+            return None
+        folder = (shards_dir.parent / "filter").resolve()
+        summary = json.loads((folder / "filter.json").read_text())
+        kwargs = {
+            "judge": str(folder / summary["judge"]),
+            "references": str(folder / summary["references"]),
+            "class_indices": summary["class_indices"],
+            "folds": summary["folds"],
+            "near_copy_threshold": summary["near_copy_threshold"],
+            "pool_factor": config.filter.pool_factor,
+        }
+        return Stage(FilterStage.name, FilterStage, kwargs, config.filter.resources)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipeline.self_judge import rms_distances, working_images
+
+        n = len(batch["key"])
+        ok = np.asarray(batch["ok"], bool).copy()
+        reason = np.asarray(batch.get("skip_reason", np.full(n, "")), dtype=object).copy()
+        # 1. score every candidate: the judge's probability of its class, the nearest real image
+        classes = np.asarray([self.position[int(c)] for c in batch["cls"]])
+        score = self.judge.score(batch["image"], classes)
+        nearest = rms_distances(working_images(batch["image"]), self.references)
+        # 2. per class: drop near-copies, then keep the best-scored up to the class's slots
+        meta = list(batch["meta"])
+        for c in np.unique(batch["cls"]):
+            rows = np.flatnonzero(batch["cls"] == c)
+            slots = int(batch["slots"][rows[0]])
+            for i in rows:
+                if ok[i] and nearest[i] < self.threshold:
+                    ok[i], reason[i] = False, "near_copy"
+            eligible = [i for i in rows if ok[i]]
+            ranked = sorted(eligible, key=lambda i: (-float(score[i]), str(batch["key"][i])))
+            for rank, i in enumerate(ranked):
+                if rank >= slots:
+                    ok[i], reason[i] = False, "not_kept"
+                    continue
+                sample = json.loads(str(meta[i]))
+                sample["filter"] = {
+                    "judge_score": round(float(score[i]), 6),
+                    "nearest_real_distance": round(float(nearest[i]), 6),
+                    "near_copy_threshold": round(self.threshold, 6),
+                    "rank": rank,
+                    "candidates": int(len(rows)),
+                    "pool_factor": self.pool_factor,
+                }
+                meta[i] = json.dumps(sample, sort_keys=True, ensure_ascii=False)
+        return {
+            **batch,
+            "ok": ok,
+            "skip_reason": np.asarray([str(r) for r in reason]),
+            "meta": np.asarray(meta),
+        }
