@@ -9,6 +9,7 @@ different config stops.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.exits import guarded
 from pipeline.config import to_dict
 from pipeline.datasets import Listing
 from pipeline.errors import UserError
@@ -27,13 +29,16 @@ from pipeline.models import describe_model
 from pipeline.output_folder import (
     check_output_folder,
     code_hash,
+    contains,
+    folder_lock,
     package_versions,
+    remove_temp_files,
     seeds_path,
     walks_path,
 )
 from pipeline.runner import LocalRunner, RayRunner
 from pipeline.seed_table import provenance, read_seeds, read_walks, write_seeds, write_walks
-from pipeline.shards import atomic_write, dumps, shard_done, write_index
+from pipeline.shards import atomic_write, dumps, shard_status, stats_name, write_index
 from stages.augment_pipeline import AugmentConfig, load_config, output_hash, shard_stages
 from stages.filter import REASONS as FILTER_REASONS
 from stages.filter import prepare as prepare_filter
@@ -282,8 +287,13 @@ def run_generation(
 
     units = {}
     for s in range(num_shards):
-        if shard_done(shards_dir, s):
+        done, why = shard_status(shards_dir, s)
+        if done:
             continue
+        stats = shards_dir / stats_name(s)
+        if stats.exists():  # a done-marker that does not hold: never trusted again
+            log(f"generate: shard {s:05d} is redone: {why}")
+            stats.unlink()
         units[s] = GenerateStage.unit(s, slots[s * per : (s + 1) * per], meta)
     done_before = num_shards - len(units)
     if done_before:
@@ -393,12 +403,86 @@ def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False
     log(f"config {config.name} (hash {plan.config_hash}), model {config.model.path}, output {out}")
     for line in describe_plan(plan):
         log(line)
+    check_paths(config, out)
+    space = check_space(plan, out)
+    log(
+        f"space: walks {space['walks'] / 1e6:.1f} MB, shards at most {space['shards'] / 1e6:.1f} MB; "
+        f"{space['free'] / 1e9:.1f} GB free on the output disk"
+    )
     if dry_run:
         log("dry run: stopping before any model work")
         return {"dry_run": True, "estimate": estimate_nfe(plan)}
+    with folder_lock(out):
+        return _run_locked(config, plan, out, address, timings, started)
+
+
+def check_paths(config: AugmentConfig, out: Path) -> None:
+    """The output folder and the dataset may not hold each other: the run's own files would be
+    listed as data (a contact sheet as a class) or the data overwritten."""
+    data = Path(config.dataset.path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file, not a folder; name a folder")
+    if contains(data if data.is_dir() else data.parent, out) or contains(out, data):
+        raise UserError(
+            f"output_dir {out} and dataset.path {data} hold one another; put the output "
+            f"outside the dataset"
+        )
+
+
+def check_space(plan: Plan, out: Path) -> dict:
+    """Bytes the plan's walks and shards take at most, against the output disk's free space and
+    the memory one class's walks take at once; a plan that cannot fit is refused before any work."""
+    import shutil
+
+    cfg = plan.config
+    est = estimate_nfe(plan)
+    latent = int(np.prod(plan.model["latent_shape"]))
+    side = int(plan.model["image_size"])
+    walks = est["candidates"] * (latent * 4 + 512)  # float32 seeds plus the row's provenance
+    shards = est["images"] * (side * side * 3 + 2048)  # an uncompressed image bounds its PNG
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if walks + shards > free:
+        raise UserError(
+            f"the plan needs up to {(walks + shards) / 1e9:.1f} GB for walks and shards, the "
+            f"output disk ({probe}) has {free / 1e9:.1f} GB free; lower select.quota or "
+            f"filter.pool_factor, or use another output_dir"
+        )
+    largest = max((p.to_generate for p in plan.plans), default=0) * cfg.filter.pool
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if largest * latent * 4 * 3 > memory:  # a class's walks, with their working copies
+        raise UserError(
+            f"one class's {largest} walk seeds would need about {largest * latent * 12 / 1e9:.1f} "
+            f"GB of memory, more than this machine's {memory / 1e9:.1f} GB; lower select.quota"
+        )
+    return {"walks": walks, "shards": shards, "free": free}
+
+
+def identity(plan: Plan) -> dict:
+    """What the folder's outputs were made from, beyond the config: the class map and, per rare
+    class, its source images (keys and content hashes)."""
+    return {
+        "classes": {str(k): v for k, v in sorted(plan.classes.items())},
+        "sources": {
+            str(p.class_index): [
+                [key, hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]]
+                for key, image in zip(p.source_keys, p.source_images)
+            ]
+            for p in plan.plans
+        },
+    }
+
+
+def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: float) -> dict:
     code = code_hash()
-    check_output_folder(out, plan.config_hash, code)
-    atomic_write(out / "classes.json", dumps({str(k): v for k, v in sorted(plan.classes.items())}))
+    made_from = identity(plan)
+    check_output_folder(out, plan.config_hash, code, made_from)
+    stale = remove_temp_files(out)
+    if stale:
+        log(f"removed {stale} temporary file(s) that an interrupted run left")
+    # run.json first: from here on the folder is this run's, whatever happens to the process
     atomic_write(
         out / "run.json",
         dumps(
@@ -406,10 +490,12 @@ def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False
                 "status": "running",
                 "config_hash": plan.config_hash,
                 "code_hash": code,
+                "identity": made_from,
                 "config": to_dict(config),
             }
         ),
     )
+    atomic_write(out / "classes.json", dumps({str(k): v for k, v in sorted(plan.classes.items())}))
     t0 = time.perf_counter()
     runner = make_runner(config, address)
     timings["runner_start_s"] = round(time.perf_counter() - t0, 2)
@@ -430,8 +516,10 @@ def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False
         num_shards = run_generation(plan, slots, runner, out, timings, nodes)
     finally:
         runner.shutdown()
+        remove_temp_files(out)  # what an interrupted write left, actors' included
     report = finalize(plan, out, num_shards, timings, nodes, started)
     report["code_hash"] = code
+    report["identity"] = made_from
     atomic_write(out / "run.json", dumps(report))
     counts = report["counts"]
     log(
@@ -481,11 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
     args = parser.parse_args(["augment", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return main_args(args)
-    except UserError as exc:
-        print(f"tailseed augment: error: {exc}", file=sys.stderr)
-        return 2
+    return guarded("augment", main_args, args)
 
 
 if __name__ == "__main__":

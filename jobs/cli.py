@@ -36,14 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.errors import UserError
+    from jobs.exits import guarded
 
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"tailseed {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return guarded(args.command, args.func, args)
 
 
 if __name__ == "__main__":

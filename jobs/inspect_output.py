@@ -13,7 +13,14 @@ def summarize(out: Path) -> list[str]:
     run_json = out / "run.json"
     if not run_json.is_file():
         raise UserError(f"{out}: no run.json; expected the output folder of `tailseed augment`")
-    run = json.loads(run_json.read_text())
+    try:
+        run = json.loads(run_json.read_text())
+        if not isinstance(run, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{run_json}: unreadable ({exc}); rerun the same augment command to redo the folder"
+        ) from None
     lines = [f"{out}: status {run.get('status')}, config hash {run.get('config_hash')}"]
     if run.get("status") != "complete":
         shards = sorted((out / "shards").glob("[0-9]*.tar")) if (out / "shards").is_dir() else []
@@ -37,6 +44,7 @@ def summarize(out: Path) -> list[str]:
         "skipped_listing",
         "skipped_sources",
         "skipped_generation",
+        "dropped_by_filter",
         "inversion_failed",
         "left_out_classes",
     ):

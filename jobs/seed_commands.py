@@ -119,6 +119,8 @@ def run_invert(args) -> int:
     from pipeline.models import ModelSpec, load_pipeline
     from pipeline.seed_table import make_key, noise_seed, seed_row, write_seeds
 
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out}: is a folder; name the seeds Parquet file to write")
     paths = [Path(p) for p in args.images]
     keys = [make_key(p.stem) for p in paths]
     first: dict[str, Path] = {}

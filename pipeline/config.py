@@ -107,7 +107,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `key.sub=value` strings (value parsed as YAML) to a nested mapping, in place."""
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"--set {item!r}: expected key=value, e.g. --set quota.count=20")
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set select.quota=20")
         key, raw = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
@@ -115,7 +115,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise UserError(
+                f"--set {item!r}: the value is not valid YAML ({first}); quote it, e.g. "
+                f"--set '{key}=\"{raw}\"'"
+            ) from exc
     return data
 
 
@@ -124,7 +131,11 @@ def load_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"config {path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from exc
     except yaml.YAMLError as exc:
         raise UserError(f"config {path}: not valid YAML ({exc})") from exc
     if not isinstance(data, dict):

@@ -102,6 +102,11 @@ def _parse_label(ext: str, payload: bytes, label_key: str) -> int | str:
     return int(text)
 
 
+# A label member larger than this is skipped and counted, never read: labels are a few bytes, and
+# a huge member (a 3 GiB `.json` in a 3 MB gzip tar) would otherwise be read whole into memory.
+LABEL_MAX_BYTES = 1 << 20
+
+
 def list_webdataset(path: Path, label_key: str) -> Listing:
     """Tars whose samples hold an image member and a `.cls` (integer) or `.json` label."""
     tars = [path] if path.is_file() else sorted(path.glob("*.tar"))
@@ -127,8 +132,14 @@ def list_webdataset(path: Path, label_key: str) -> Listing:
                 key = (str(tar_path), member.name[: len(member.name) - len(base)] + stem)
                 entry = samples.setdefault(key, {})
                 if ext in IMAGE_EXTENSIONS:
+                    if "image" in entry:  # a second image for one key would replace the first
+                        skipped["duplicate_member"] += 1
+                        continue
                     entry["image"] = member.name
                 elif ext in LABEL_EXTENSIONS and ext != ".txt":
+                    if member.size > LABEL_MAX_BYTES:
+                        skipped["label_too_large"] += 1
+                        continue
                     try:
                         entry["label"] = _parse_label(
                             ext, tar.extractfile(member).read(), label_key

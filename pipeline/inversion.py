@@ -108,8 +108,13 @@ class InversionConfig:
             raise ValueError(
                 f"predictor: unknown {self.predictor!r}; use one of {list(PREDICTORS)}"
             )
-        if self.tol < 0 or not 0 <= self.adjust_strength <= 1:
-            raise ValueError("tol must be >= 0 and adjust_strength in [0, 1]")
+        if not math.isfinite(self.tol) or self.tol < 0:
+            raise ValueError(f"tol is {self.tol}; a finite number >= 0")
+        if not 0 <= self.adjust_strength <= 1:
+            raise ValueError(f"adjust_strength is {self.adjust_strength}; in [0, 1]")
+        for name in ("guidance_scale", "adjust_guidance"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} is {getattr(self, name)}; a finite number")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.shards import TMP_SUFFIX
 
 
 def code_hash(root: Path | None = None) -> str:
@@ -30,11 +34,54 @@ def code_hash(root: Path | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_output_folder(out: Path, config_hash: str, code: str) -> dict:
-    """Create or reuse `out`; refuse one made by a different config or by different code."""
+LOCK_NAME = ".lock"
+# What a run writes; a rerun into a folder whose run.json is unreadable redoes all of it.
+OUTPUTS = ("shards", "seeds", "walks", "filter", "classes.json")
+
+
+def _describe_change(before: dict, now: dict) -> str:
+    """What differs between two identities ({"classes": {index: name}, "sources": {...}})."""
+    lines = []
+    old_c, new_c = before.get("classes", {}), now.get("classes", {})
+    for index in sorted(set(old_c) | set(new_c), key=int):
+        if old_c.get(index) != new_c.get(index):
+            lines.append(f"class {index} was {old_c.get(index)!r}, is now {new_c.get(index)!r}")
+    old_s, new_s = before.get("sources", {}), now.get("sources", {})
+    for index in sorted(set(old_s) | set(new_s), key=int):
+        if old_s.get(index) != new_s.get(index):
+            lines.append(f"the source images of class {index} changed")
+    return "; ".join(lines[:4]) + ("; ..." if len(lines) > 4 else "")
+
+
+def check_output_folder(
+    out: Path, config_hash: str, code: str, identity: dict | None = None
+) -> dict:
+    """Create or reuse `out` (hold its lock first); refuse one made by a different config, by
+    different code, or from a dataset whose class map or selected source images changed.
+
+    identity: {"classes": {index: name}, "sources": {index: [[key, sha256], ...]}}, the dataset
+    as this run sees it. A run.json that cannot be read is reported, and the folder's outputs are
+    removed so that the run redoes them (nothing in them could be checked).
+    """
     run_json = out / "run.json"
     if run_json.is_file():
-        previous = json.loads(run_json.read_text())
+        try:
+            previous = json.loads(run_json.read_text())
+            if not isinstance(previous, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            print(
+                f"[tailseed] {run_json} is unreadable ({exc}); the folder's outputs cannot be "
+                f"checked against this config, so they are redone",
+                flush=True,
+            )
+            for name in OUTPUTS:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+            return {}
         if previous.get("config_hash") != config_hash:
             raise UserError(
                 f"output folder {out} was made by a different config (hash {previous.get('config_hash')} "
@@ -46,13 +93,70 @@ def check_output_folder(out: Path, config_hash: str, code: str) -> dict:
                 f"{previous.get('code_hash')} vs {code}); its outputs would not match a fresh run: use "
                 f"another output_dir or delete the folder"
             )
+        if identity is not None and previous.get("identity", identity) != identity:
+            raise UserError(
+                f"output folder {out} was made from a different dataset: "
+                f"{_describe_change(previous['identity'], identity)}. Its shards would be "
+                f"relabelled or mixed: use another output_dir or delete the folder"
+            )
         return previous
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(
+        p.name != LOCK_NAME and not p.name.endswith(TMP_SUFFIX) for p in out.iterdir()
+    ):
         raise UserError(
             f"output folder {out} exists and is not a tailseed run; use another output_dir"
         )
     out.mkdir(parents=True, exist_ok=True)
     return {}
+
+
+@contextmanager
+def folder_lock(out: Path):
+    """Hold the output folder's lock for a run. A second run into a folder that a live run holds
+    stops with a message naming that process; the kernel releases the lock of a process that
+    dies, so a dead run's folder is simply taken over."""
+    import fcntl
+    import socket
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file, not a folder; name a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise UserError(
+            f"output folder {out} is in use by a running tailseed ({holder}); wait for it to "
+            f"finish or use another output_dir"
+        ) from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def remove_temp_files(out: Path) -> int:
+    """Delete the temporary files under `out` (`.<name>.<pid>-<random>.tmp`) that interrupted
+    writes left; only under the folder's lock, when no other run can be writing. Returns how many."""
+    removed = 0
+    for path in out.rglob(f".*{TMP_SUFFIX}"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def contains(a: Path, b: Path) -> bool:
+    """Whether folder `a` is `b` or holds it (both resolved)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents
 
 
 def package_versions() -> dict:

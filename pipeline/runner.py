@@ -42,7 +42,13 @@ class Resources:
 
     def validate(self, where: str) -> None:
         if self.num_actors < 1:
-            raise ValueError(f"{where}.num_actors must be at least 1")
+            raise UserError(f"{where}.num_actors is {self.num_actors}; at least 1")
+        for name in ("num_cpus", "num_gpus"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise UserError(f"{where}.{name} is {value}; a number >= 0")
+        if self.num_cpus == 0 and self.num_gpus == 0:
+            raise UserError(f"{where}: num_cpus and num_gpus are both 0; give the stage some CPU")
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,11 @@ metadata, one row group, fixed compression).
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -179,15 +182,31 @@ def _table(rows: Sequence[dict], schema: pa.Schema) -> pa.Table:
 
 
 def _write(table: pa.Table, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        table,
-        str(path),
-        compression="zstd",
-        row_group_size=max(1, table.num_rows),
-        write_statistics=False,
-        store_schema=True,
-    )
+    """Write to a temporary sibling and rename: a killed write leaves no half file behind."""
+    from pipeline.shards import temp_name
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        pq.write_table(
+            table,
+            str(tmp),
+            compression="zstd",
+            row_group_size=max(1, table.num_rows),
+            write_statistics=False,
+            store_schema=True,
+        )
+        pause = float(os.environ.get("TAILSEED_SLOW_WRITE_S", "0"))
+        if pause > 0:  # fault injection: a test kills the process while the file is not renamed
+            time.sleep(pause)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (exc.errno is None or exc.filename is None):
+            code = exc.errno or (errno.ENOSPC if "No space left" in str(exc) else None)
+            raise OSError(code, exc.strerror or str(exc), str(path)) from exc  # say which file
+        raise
 
 
 def _read(path: str | Path, schema: pa.Schema, what: str) -> list[dict]:
@@ -199,11 +218,25 @@ def _read(path: str | Path, schema: pa.Schema, what: str) -> list[dict]:
     if missing:
         raise UserError(f"{what} {path}: missing column(s) {', '.join(missing)}")
     rows = table.select([f.name for f in schema]).to_pylist()
+    check_keys([r["key"] for r in rows], where=f"{what} {path}")
     for r in rows:
+        _check_row(r, f"{what} {path}: row {r['key']!r}")
         r["shape"] = tuple(r["shape"])
         r["seed"] = np.asarray(r["seed"], dtype=np.float32).reshape(r["shape"])
-    check_keys([r["key"] for r in rows], where=f"{what} {path}")
     return rows
+
+
+def _check_row(r: dict, where: str) -> None:
+    """A row that would generate garbage (or crash) is refused when read, naming the row."""
+    seed, shape = r["seed"], r["shape"]
+    if not shape or any(n < 1 for n in shape) or int(np.prod(shape)) != len(seed):
+        raise UserError(f"{where}: a seed of {len(seed)} values cannot have shape {list(shape)}")
+    if not np.isfinite(np.asarray(seed, dtype=np.float32)).all():
+        raise UserError(f"{where}: the seed has NaN or infinite values")
+    if r["num_inference_steps"] < 1:
+        raise UserError(f"{where}: num_inference_steps is {r['num_inference_steps']}; at least 1")
+    if not np.isfinite(r["guidance_scale"]):
+        raise UserError(f"{where}: guidance_scale is {r['guidance_scale']}; it must be finite")
 
 
 def seeds_table(rows: Iterable[dict]) -> pa.Table:

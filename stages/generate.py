@@ -11,12 +11,14 @@ with the next shard's model work instead of keeping the GPU waiting.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import NOT_HASHED, to_dict
+from pipeline.errors import UserError
 from pipeline.inversion import Sampler, guided_evals
 from pipeline.models import ModelSpec, load_pipeline
 from pipeline.runner import Resources, Stage
@@ -32,6 +34,16 @@ class GenerateConfig:
     resources: Resources = field(
         default_factory=lambda: Resources(num_cpus=1.5), metadata=NOT_HASHED
     )
+
+    def validate(self, where: str) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"{where}.batch_size is {self.batch_size}; at least 1")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise UserError(
+                f"{where}.num_inference_steps is {self.num_inference_steps}; at least 1"
+            )
+        if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
+            raise UserError(f"{where}.guidance_scale is {self.guidance_scale}; a finite number")
 
 
 class GenerateStage:

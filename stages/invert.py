@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.config import NOT_HASHED, to_dict
+from pipeline.errors import UserError
 from pipeline.inversion import InversionConfig, Inverter, max_nfe
 from pipeline.models import ModelSpec, load_pipeline
 from pipeline.runner import Resources, Stage
@@ -26,6 +27,10 @@ class InvertConfig:
     resources: Resources = field(
         default_factory=lambda: Resources(num_cpus=1.5), metadata=NOT_HASHED
     )
+
+    def validate(self, where: str) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"{where}.batch_size is {self.batch_size}; at least 1")
 
 
 class InvertStage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -30,8 +31,16 @@ class SelectConfig:
             raise UserError(f"{where}.quota_mode: {self.quota_mode!r}; use fill_to or add")
         if self.quota < 0 or self.max_sources < 2:
             raise UserError(f"{where}: quota must be >= 0 and max_sources >= 2")
-        if "{}" not in self.prompt_template:
-            raise UserError(f"{where}.prompt_template: must contain {{}} for the class name")
+        try:
+            parsed = list(string.Formatter().parse(self.prompt_template))
+        except ValueError:
+            parsed = []  # unbalanced braces
+        fields = [f for _, f, _, _ in parsed if f is not None]
+        if fields != [""]:
+            raise UserError(
+                f"{where}.prompt_template: {self.prompt_template!r} must have exactly one {{}} "
+                f"(the class name) and no other {{...}} field"
+            )
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.images import encode_png
 from pipeline.runner import Stage
 from pipeline.shards import write_shard
@@ -24,6 +25,10 @@ from pipeline.shards import write_shard
 @dataclass(frozen=True)
 class ShardsConfig:
     samples_per_shard: int = 40  # fixed: shard i always holds the same samples, whatever resumes
+
+    def validate(self, where: str) -> None:
+        if self.samples_per_shard < 1:
+            raise UserError(f"{where}.samples_per_shard is {self.samples_per_shard}; at least 1")
 
 
 class WriteStage:

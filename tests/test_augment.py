@@ -181,7 +181,7 @@ def test_kill_minus_nine_mid_shard_then_resume(tmp_path, tiny_model_dir, small_d
     proc = start_augment(config, env)
     deadline = time.time() + 240
     while time.time() < deadline:
-        if (out / "00000_stats.json").exists() and (out / ".00001.tar.tmp").exists():
+        if (out / "00000_stats.json").exists() and any(out.glob(".00001.tar.*.tmp")):
             break
         assert proc.poll() is None, "the job ended before it could be killed"
         time.sleep(0.05)

@@ -63,7 +63,7 @@ def test_kill_minus_nine_of_an_actor_then_resume(
     deadline = time.time() + 300
     while time.time() < deadline and killed is None and proc.poll() is None:
         # a shard done and another half written (writers may run in parallel: any pair will do)
-        if any(shards.glob("*_stats.json")) and any(shards.glob(".*.tar.tmp")):
+        if any(shards.glob("*_stats.json")) and any(shards.glob(".*.tar.*.tmp")):
             for child in psutil.Process(proc.pid).children(recursive=True):
                 try:
                     if "MapWorker" in " ".join(child.cmdline()) or "MapWorker" in child.name():

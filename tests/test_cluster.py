@@ -251,7 +251,7 @@ def test_worker_node_killed_mid_run_then_resume(cluster, tmp_path, after_kill):
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
             now = time.time()
-            for tmp in shards.glob(".*.tar.tmp"):
+            for tmp in shards.glob(".*.tar.*.tmp"):
                 seen.setdefault(tmp.name, now)
             if any(now - t > 2 for n, t in seen.items() if (shards / n).exists()):
                 break

@@ -63,7 +63,8 @@ def test_write_then_read_with_tarfile_and_webdataset(tmp_path):
     image, cls, meta = rows[2]
     assert image.size == (8, 8) and cls == 1 and meta["class_name"] == "a b.c/ü"
     index = write_index(tmp_path, 2)  # shard 1 is not done: not indexed
-    assert index["shardlist"] == [{"url": "00000.tar", "nsamples": 4}]
+    size = (tmp_path / "00000.tar").stat().st_size  # widsindex reads the size of each shard
+    assert index["shardlist"] == [{"url": "00000.tar", "nsamples": 4, "filesize": size}]
 
 
 def test_pack_roundtrip_keeps_bytes_and_strings():
