@@ -43,7 +43,7 @@ from stages.augment_pipeline import AugmentConfig, load_config, output_hash, sha
 from stages.filter import REASONS as FILTER_REASONS
 from stages.filter import prepare as prepare_filter
 from stages.generate import GenerateStage
-from stages.invert import InvertStage, seed_rows
+from stages.invert import InvertStage, class_health, seed_rows
 from stages.scan import EMBEDDED, scan
 from stages.select import ClassPlan, select
 from stages.walk import make_walks, shard_slots
@@ -70,6 +70,7 @@ class Plan:
     listing: Listing
     failed: dict[str, str] = field(default_factory=dict)  # source key -> why its inversion failed
     filter: dict = field(default_factory=dict)  # the filter's judge and threshold, when on
+    health: dict = field(default_factory=dict)  # class index (str) -> reconstruction health
 
 
 def make_plan(config: AugmentConfig) -> Plan:
@@ -204,6 +205,10 @@ def run_inversion(plan: Plan, runner, out: Path, timings: dict, nodes: set) -> d
         )
     timings["invert_s"] = round(time.perf_counter() - t0, 2)
     for p in todo:
+        health = class_health(p.source_keys, results)
+        plan.health[str(p.class_index)] = health
+        if "warning" in health:
+            log(f"warning: class {p.class_name!r}: {health['warning']}")
         rows, failed = seed_rows(
             p.class_index,
             p.class_name,
@@ -326,10 +331,16 @@ def write_contact_sheets(plan: Plan, out: Path, per_class: int = 64) -> list[str
     names = []
     for p in plan.plans:
         scale = max(1, 64 // p.source_images.shape[1])
+        health = plan.health.get(str(p.class_index), {})
+        caution = (
+            f" - WARNING: reconstructed at {health['recon_psnr']} dB, VAE {health['vae_psnr']} dB"
+            if "warning" in health
+            else ""
+        )
         sheet = labelled(
             [
                 (
-                    f"{p.class_name}: {len(p.source_keys)} real sources",
+                    f"{p.class_name}: {len(p.source_keys)} real sources{caution}",
                     grid(list(p.source_images), 10, scale),
                 ),
                 (
@@ -388,6 +399,7 @@ def finalize(
             "left_out_classes": plan.left_out,
         },
         "filter": plan.filter,
+        "health": plan.health,
         "timings": timings,
         "node_ids": sorted(n for n in nodes if n),
         "contact_sheets": sheets,
@@ -404,6 +416,16 @@ def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False
     for line in describe_plan(plan):
         log(line)
     check_paths(config, out)
+    if not plan.counts or not sum(plan.counts.values()):
+        raise UserError(
+            f"dataset.path {config.dataset.path}: no labelled image was listed (format "
+            f"{config.dataset.format}); check dataset.format and the label keys or columns"
+        )
+    if not plan.plans and not dry_run:
+        raise UserError(
+            f"no class to augment: none has fewer than select.rare_below={config.select.rare_below} "
+            f"images (or select.classes names none); raise rare_below or name the classes"
+        )
     space = check_space(plan, out)
     log(
         f"space: walks {space['walks'] / 1e6:.1f} MB, shards at most {space['shards'] / 1e6:.1f} MB; "
@@ -478,7 +500,8 @@ def identity(plan: Plan) -> dict:
 def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: float) -> dict:
     code = code_hash()
     made_from = identity(plan)
-    check_output_folder(out, plan.config_hash, code, made_from)
+    previous = check_output_folder(out, plan.config_hash, code, made_from)
+    plan.health = dict(previous.get("health", {}))  # classes whose seeds are reused
     stale = remove_temp_files(out)
     if stale:
         log(f"removed {stale} temporary file(s) that an interrupted run left")
@@ -502,6 +525,8 @@ def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: 
     nodes: set = set()
     try:
         seeds = run_inversion(plan, runner, out, timings, nodes)
+        running = json.loads((out / "run.json").read_text())
+        atomic_write(out / "run.json", dumps({**running, "health": plan.health}))
         walks = run_walks(plan, seeds, out)
         if config.filter.enabled:
             plan.filter = prepare_filter(

@@ -50,6 +50,10 @@ def summarize(out: Path) -> list[str]:
     ):
         if counts.get(key):
             lines.append(f"  {key.replace('_', ' ')}: {counts[key]}")
+    for index, health in sorted(run.get("health", {}).items()):
+        if "warning" in health:
+            name = run.get("classes", {}).get(index, index)
+            lines.append(f"  WARNING: class {name!r}: {health['warning']}")
     seeds = sorted((out / "seeds").glob("*.parquet"))
     if seeds:
         from pipeline.seed_table import read_seeds

@@ -639,7 +639,8 @@ class Inverter:
         image: adjustment, DDIM guess and iterations, x2 with guidance; regeneration excluded);
         recon_psnr (B,) float32 (image regenerated from the seed vs the original image, dB);
         recon_latent_rmse (B,) float32 (regenerated latent vs the unadjusted VAE latent);
-        residual (B,) float32; failed (B,) bool. Failed samples have NaN measures.
+        vae_psnr (B,) float32 (the VAE's own round trip of the image, dB: the ceiling of
+        recon_psnr); residual (B,) float32; failed (B,) bool. Failed samples have NaN measures.
         """
         cfg, pipe = self.config, self.pipe
         self._check_images(images)
@@ -648,6 +649,7 @@ class Inverter:
         batch = len(images)
         # 1. encode images and prompts
         z_clean = encode(pipe.vae, images_to_tensor(images, self.device))  # (B, C, h, w)
+        vae_psnr = psnr(tensor_to_images(decode(pipe.vae, z_clean)), images)
         cond, uncond = encode_prompts(pipe, prompts)
         counter = NFECounter(batch)
         # 2. prompt-aware adjustment of the latent, with each sample's own noise
@@ -676,6 +678,7 @@ class Inverter:
             "nfe": counter.counts.numpy().astype(np.int64),
             "recon_psnr": psnr_out,
             "recon_latent_rmse": rmse_out,
+            "vae_psnr": vae_psnr,
             "residual": result.residual.cpu().numpy().astype(np.float32),
             "failed": result.failed.cpu().numpy(),
         }

@@ -219,9 +219,14 @@ class RayRunner:
         )  # a Ray started here is stopped here, not a caller's
         if self.owns_ray:
             if address:
+                log(f"connecting to the Ray cluster at {address}")
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             else:
+                # "local": a private Ray of this run's own, even when another Ray (a user's, a
+                # test's) runs on this machine, which plain ray.init() would try to join
+                log(f"starting a private local Ray ({num_cpus or os.cpu_count()} CPUs)")
                 ray.init(
+                    address="local",
                     num_cpus=num_cpus or os.cpu_count(),
                     object_store_memory=object_store_mb * 1024**2,
                     include_dashboard=False,

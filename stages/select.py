@@ -16,7 +16,9 @@ from pipeline.images import SkipSample, decode_image
 @dataclass(frozen=True)
 class SelectConfig:
     rare_below: int = 20  # a class with fewer listed images than this is rare
-    classes: list[str] = field(default_factory=list)  # explicit rare classes (overrides rare_below)
+    # explicit rare classes (overrides rare_below): class names, or the label values of a dataset
+    # with integer labels (3 or "3")
+    classes: list[str | int] = field(default_factory=list)
     max_sources: int = 10  # few-shot images inverted per class (the first valid ones by key)
     quota_mode: str = (
         "fill_to"  # fill_to: bring each rare class up to `quota` images; add: add `quota`
@@ -65,13 +67,14 @@ def rare_classes(listing: Listing, config: SelectConfig) -> list[int]:
     counts = listing.counts()
     if config.classes:
         by_name = {name: i for i, name in listing.classes.items()}
-        missing = [c for c in config.classes if c not in by_name]
+        wanted = [str(c) for c in config.classes]
+        missing = [c for c in wanted if c not in by_name]
         if missing:
             raise UserError(
                 f"select.classes: {missing[0]!r} is not a class of the dataset "
                 f"(classes: {', '.join(sorted(by_name))})"
             )
-        return sorted(by_name[c] for c in config.classes)
+        return sorted(by_name[c] for c in wanted)
     return sorted(c for c, n in counts.items() if n < config.rare_below)
 
 

@@ -209,6 +209,17 @@ def test_index_json_is_read_by_wids(first_run):
     assert len(ds) == 12
     sample = ds[5]
     assert sample[".cls"] is not None and sample["__key__"]
+    info = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "widsindex"),
+            "info",
+            str(out / "shards" / "index.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert "first shard: 00000.tar" in info.stdout
 
 
 def test_prompt_method_generates_from_fresh_seeds_without_inversion(

@@ -29,8 +29,9 @@ def test_ray_run_matches_in_process_and_reads_back(
     assert report["node_ids"] == [ray_session.get_runtime_context().get_node_id()]
     assert shard_files(tmp_path / "ray") == shard_files(tmp_path / "local")
 
-    tars = sorted(str(p) for p in (tmp_path / "ray" / "shards").glob("*.tar"))
-    ds = ray_session.data.read_webdataset(tars, decoder=None)
+    # the folder itself, as the README reads it (its stats and index JSON files lie beside)
+    folder = str(tmp_path / "ray" / "shards")
+    ds = ray_session.data.read_webdataset(folder, decoder=None, file_extensions=["tar"])
     rows = ds.take_all()
     assert len(rows) == 12
     assert {

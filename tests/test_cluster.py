@@ -369,3 +369,30 @@ def test_relative_paths_are_refused_before_submitting(overrides, named, tmp_path
     )
     assert result.returncode == 2, result.stderr
     assert named in result.stderr and "no Ray job server" not in result.stderr
+
+
+def test_a_local_run_beside_a_running_cluster_starts_a_private_ray(cluster, tmp_path):
+    """With a Ray cluster up on this machine (the fixture's), `make augment` without RAY_ADDRESS
+    must not try to join it: it starts a Ray of its own and says so."""
+    config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    config["output_dir"] = str(tmp_path / "out")
+    config["select"]["quota"] = 14  # 4 generated per tail class
+    config["generate"]["num_inference_steps"] = 5
+    config["invert"]["solver"]["num_inference_steps"] = 5
+    config["ray"] = {"local_num_cpus": 2, "object_store_mb": 128}
+    path = REPO / "configs" / f".test-local-{os.getpid()}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        proc = subprocess.run(
+            ["make", "-s", "augment", f"CONFIG={path.relative_to(REPO)}"],
+            cwd=REPO,
+            env={**cluster.env, "RAY_AUTH_MODE": "disabled"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        path.unlink()
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "starting a private local Ray" in proc.stdout
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["counts"]["samples"] == 8

@@ -179,3 +179,13 @@ def test_parquet_missing_column_names_it(tmp_path):
     pq.write_table(pa.table({"img": [png_bytes()], "label": [1]}), tmp_path / "x.parquet")
     with pytest.raises(UserError, match="no column 'image'"):
         list_dataset(tmp_path)
+
+
+def test_explicit_classes_take_the_label_values_of_an_integer_labelled_dataset(tmp_path):
+    table = pa.table({"image": [png_bytes()] * 5, "label": [3, 3, 3, 7, 7]})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    listing = scan(ScanConfig(path=str(tmp_path)))
+    plans, _ = select(listing, SelectConfig(classes=[7], quota=4), image_size=16)
+    assert [p.class_index for p in plans] == [7]
+    plans, _ = select(listing, SelectConfig(classes=["3"], quota=4), image_size=16)
+    assert [p.class_index for p in plans] == [3]

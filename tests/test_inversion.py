@@ -273,7 +273,7 @@ def test_inverter_output_contract(tiny_pipe):
     out = inv.Inverter(tiny_pipe, config).invert(_random_images(2, 16), [PROMPT] * 2, [0, 1])
     assert out["seed"].shape == (2, 4, 8, 8) and out["seed"].dtype == np.float32
     assert out["nfe"].dtype == np.int64 and out["failed"].dtype == bool
-    for key in ("recon_psnr", "recon_latent_rmse", "residual"):
+    for key in ("recon_psnr", "recon_latent_rmse", "vae_psnr", "residual"):
         assert out[key].shape == (2,) and out[key].dtype == np.float32
     with pytest.raises(ValueError, match="uint8"):
         inv.Inverter(tiny_pipe, config).invert(_random_images(1, 32), [PROMPT], [0])

@@ -333,3 +333,57 @@ def test_inspect_of_a_corrupt_run_json_is_one_line(tmp_path):
     (tmp_path / "run.json").write_text("{half")
     with pytest.raises(UserError, match="run.json: unreadable"):
         summarize(tmp_path)
+
+
+def test_a_run_with_nothing_to_augment_says_so_and_fails(tmp_path, tiny_model_dir, small_dataset):
+    config, out = _fresh(tmp_path, tiny_model_dir, small_dataset)
+    with pytest.raises(UserError, match="no class to augment"):
+        run(load_config(config, ["select.rare_below=2"]))
+    assert not out.exists()
+    assert run(load_config(config, ["select.rare_below=2"]), dry_run=True)["dry_run"]  # a plan only
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="no labelled image was listed"):
+        run(load_config(config, [f"dataset.path={empty}"]), dry_run=True)
+
+
+def test_a_class_the_model_cannot_reconstruct_is_warned_about():
+    from stages.invert import class_health
+
+    good = {"a": {"recon_psnr": 30.5, "vae_psnr": 31.0, "failed": False}}
+    assert "warning" not in class_health(["a"], good)
+    shapes = {"s": {"recon_psnr": 9.1, "vae_psnr": 9.3, "failed": False}}  # the VAE fails too
+    assert "does not know this domain" in class_health(["s"], shapes)["warning"]
+    drifted = {"d": {"recon_psnr": 21.0, "vae_psnr": 31.0, "failed": False}}
+    assert "warning" in class_health(["d"], drifted)
+
+
+@pytest.mark.slow
+def test_shapes_on_the_digits_model_warn_in_the_log_run_json_and_inspect(tmp_path, capsys):
+    from PIL import Image, ImageDraw
+
+    from jobs.inspect_output import summarize
+
+    rng = np.random.default_rng(0)
+    for name, count in (("circle", 12), ("triangle", 3)):
+        (tmp_path / "shapes" / name).mkdir(parents=True)
+        for i in range(count):
+            image = Image.new("RGB", (32, 32), tuple(int(x) for x in rng.integers(0, 255, 3)))
+            draw, color = ImageDraw.Draw(image), tuple(int(x) for x in rng.integers(0, 255, 3))
+            if name == "circle":
+                draw.ellipse([6, 6, 26, 26], fill=color)
+            else:
+                draw.polygon([(4, 28), (16, 4), (28, 28)], fill=color)
+            image.save(tmp_path / "shapes" / name / f"{i}.png")
+    (tmp_path / "c.yaml").write_text(
+        "name: shapes\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+        f"dataset: {{path: {tmp_path / 'shapes'}}}\n"
+        "select: {rare_below: 5, quota: 5}\n"
+        "invert: {solver: {num_inference_steps: 5}}\n"
+        "ray: {in_process: true}\n"
+    )
+    report = run(load_config(tmp_path / "c.yaml"))
+    assert "warning: class 'triangle': the model reconstructs" in capsys.readouterr().out
+    assert "does not know this domain" in report["health"]["1"]["warning"]
+    assert any("WARNING: class 'triangle'" in line for line in summarize(tmp_path / "out"))
