@@ -15,10 +15,20 @@ SUBCOMMANDS = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tailseed")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tailseed", description="Grow the rare classes of an image dataset."
     )
+    parser.add_argument("--version", action="version", version=f"tailseed {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     registered = set()
     for module_name in SUBCOMMANDS.values():

@@ -159,3 +159,10 @@ def test_generate_refuses_a_seed_of_another_shape(main, tmp_path, tiny_model_dir
     argv = ["generate", "--model", str(tiny_model_dir), "--seeds", str(tmp_path / "s.parquet")]
     assert main(argv + ["--out", str(tmp_path / "o")]) == 2
     assert "shape (4, 4, 4)" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("tailseed 0.1.0")
