@@ -246,10 +246,31 @@ def read_bytes(origin: str, image_column: str = "image") -> bytes:
             with tarfile.open(container) as tar:
                 return tar.extractfile(inner).read()
         if container.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            value = pq.read_table(container, columns=[image_column]).column(0)[int(inner)].as_py()
-            if isinstance(value, dict):
-                value = value.get("bytes")
-            return value or b""
+            return _parquet_cell(container, int(inner), image_column)
     return Path(origin).read_bytes()
+
+
+def _parquet_cell(path: str, row: int, column: str) -> bytes:
+    """One image cell of a Parquet file, reading only the row group that holds it (bytes, or a
+    struct with `bytes`); a cell of another kind (text, a number) is a counted skip."""
+    import pyarrow.parquet as pq
+
+    from pipeline.images import SkipSample
+
+    parquet = pq.ParquetFile(path)
+    start = 0
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if row < start + rows:
+            value = parquet.read_row_group(group, columns=[column]).column(0)[row - start].as_py()
+            break
+        start += rows
+    else:
+        raise SkipSample("missing_row", f"{path} has no row {row}")
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None:
+        return b""
+    if not isinstance(value, bytes):
+        raise SkipSample("not_image_bytes", f"column {column!r} holds {type(value).__name__}")
+    return value

@@ -189,3 +189,20 @@ def test_explicit_classes_take_the_label_values_of_an_integer_labelled_dataset(t
     assert [p.class_index for p in plans] == [7]
     plans, _ = select(listing, SelectConfig(classes=["3"], quota=4), image_size=16)
     assert [p.class_index for p in plans] == [3]
+
+
+def test_a_parquet_image_column_of_text_is_a_counted_skip(tmp_path):
+    table = pa.table({"image": ["a.png", "b.png", "c.png"], "label": ["cat"] * 3})
+    pq.write_table(table, tmp_path / "part-0.parquet", row_group_size=2)
+    listing = scan(ScanConfig(path=str(tmp_path)))
+    plans, left_out = select(listing, SelectConfig(rare_below=5, quota=4), image_size=16)
+    assert plans == [] and "0 usable" in left_out["cat"]
+
+
+def test_parquet_cells_are_read_from_their_row_group(tmp_path):
+    images = [png_bytes(value=v) for v in (10, 20, 30, 40, 50)]
+    pq.write_table(
+        pa.table({"image": images, "label": [1] * 5}), tmp_path / "p.parquet", row_group_size=2
+    )
+    for row in range(5):
+        assert read_bytes(f"{tmp_path / 'p.parquet'}#{row}") == images[row]

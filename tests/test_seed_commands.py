@@ -166,3 +166,21 @@ def test_version(capsys):
         cli.main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("tailseed 0.1.0")
+
+
+def test_invert_out_that_is_a_folder_is_refused_before_any_work(
+    main, tmp_path, tiny_model_dir, capsys
+):
+    image = _png(tmp_path / "a.png")
+    (tmp_path / "seeds").mkdir()
+    argv = [
+        "invert",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "p",
+        "--out",
+        str(tmp_path / "seeds"),
+    ]
+    assert main(argv + [*FAST, str(image)]) == 2
+    assert "is a folder; name the seeds Parquet file" in capsys.readouterr().err
