@@ -426,6 +426,13 @@ def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False
             f"no class to augment: none has fewer than select.rare_below={config.select.rare_below} "
             f"images (or select.classes names none); raise rare_below or name the classes"
         )
+    local = config.ray.in_process or not (
+        address or config.ray.address or os.environ.get("RAY_ADDRESS")
+    )
+    if local:
+        check_device(config)
+    if dry_run:
+        check_output_folder(out, plan.config_hash, code_hash(), identity(plan), create=False)
     space = check_space(plan, out)
     log(
         f"space: walks {space['walks'] / 1e6:.1f} MB, shards at most {space['shards'] / 1e6:.1f} MB; "
@@ -436,6 +443,23 @@ def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False
         return {"dry_run": True, "estimate": estimate_nfe(plan)}
     with folder_lock(out):
         return _run_locked(config, plan, out, address, timings, started)
+
+
+def check_device(config: AugmentConfig) -> None:
+    """On a local run the driver's machine is the one that computes: CUDA and half precision
+    must be there, or the run would fail (or silently run in float32) after the planning."""
+    import torch
+
+    device, dtype = config.model.device, config.model.dtype
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"model.device is {device!r}, but this machine has no CUDA; use auto or cpu"
+        )
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if dtype in ("float16", "bfloat16") and not cuda:
+        raise UserError(
+            f"model.dtype {dtype} needs a CUDA device; this run is on the CPU: use float32"
+        )
 
 
 def check_paths(config: AugmentConfig, out: Path) -> None:

@@ -54,7 +54,7 @@ def _describe_change(before: dict, now: dict) -> str:
 
 
 def check_output_folder(
-    out: Path, config_hash: str, code: str, identity: dict | None = None
+    out: Path, config_hash: str, code: str, identity: dict | None = None, create: bool = True
 ) -> dict:
     """Create or reuse `out` (hold its lock first); refuse one made by a different config, by
     different code, or from a dataset whose class map or selected source images changed.
@@ -70,6 +70,9 @@ def check_output_folder(
             if not isinstance(previous, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
+            if not create:  # a dry run only reports
+                print(f"[tailseed] {run_json} is unreadable ({exc}); the run would redo the folder")
+                return {}
             print(
                 f"[tailseed] {run_json} is unreadable ({exc}); the folder's outputs cannot be "
                 f"checked against this config, so they are redone",
@@ -106,7 +109,8 @@ def check_output_folder(
         raise UserError(
             f"output folder {out} exists and is not a tailseed run; use another output_dir"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return {}
 
 

@@ -29,6 +29,7 @@ def test_config_plans_a_run_on_a_stand_in(path, tmp_path, tiny_model_dir, small_
             f"output_dir={tmp_path / 'out'}",
             "select.rare_below=10",
             "ray.in_process=true",
+            "model.dtype=float32",  # the stand-in runs here, on the CPU
         ],
     )
     result = run(config, dry_run=True)

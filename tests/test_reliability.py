@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -387,3 +388,18 @@ def test_shapes_on_the_digits_model_warn_in_the_log_run_json_and_inspect(tmp_pat
     assert "warning: class 'triangle': the model reconstructs" in capsys.readouterr().out
     assert "does not know this domain" in report["health"]["1"]["warning"]
     assert any("WARNING: class 'triangle'" in line for line in summarize(tmp_path / "out"))
+
+
+def test_the_dry_run_fails_where_the_run_would(tmp_path, tiny_model_dir, small_dataset):
+    config, out = _fresh(tmp_path, tiny_model_dir, small_dataset)
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"config_hash": "other", "code_hash": "x"}))
+    with pytest.raises(UserError, match="made by a different config"):
+        run(load_config(config), dry_run=True)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="has no CUDA"):
+            run(load_config(config, ["model.device=cuda"]), dry_run=True)
+        with pytest.raises(UserError, match="float16 needs a CUDA device"):
+            run(load_config(config, ["model.dtype=float16"]), dry_run=True)
