@@ -1,6 +1,16 @@
-"""The downstream classifier of evaluation: a small CNN, its training loop, and the classic baselines.
+"""The downstream classifiers of evaluation: two CNNs, their training loops, and the classic baselines.
 
-Everything random takes an explicit `torch.Generator` (weights, batch order, augmentation draws),
+Two training loops:
+- `train_classifier`: the first protocol (today's second table): the small DigitCNN on a fixed
+  training set, uniform shuffling, no augmentation in the loop.
+- `train_as_users_train`: the protocol users follow: every batch is augmented on the fly
+  (`OnlineAugment`: rotation, scale, shift), and batches mix real and generated (or added)
+  samples at a ratio, each added sample with a loss weight, through the product's mixing loader
+  (`pipeline.mixing.MixingSampler`). Recipes: `SMALL` (DigitCNN, 600 steps of 32) and `WIDE`
+  (WideCNN, 800 steps of 48).
+
+Everything random takes an explicit generator (weights and augmentation draws: a
+`torch.Generator`; batch order: the sampler's numpy Generator, or a torch one in the first loop),
 so a training seed fully determines a run on a given machine. Images are (N, 32, 32, 3) uint8
 numpy arrays throughout, as read from PNGs; the model sees them as (N, 3, 32, 32) float in [0, 1].
 """
@@ -8,12 +18,15 @@ numpy arrays throughout, as read from PNGs; the model sees them as (N, 3, 32, 32
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from pipeline.mixing import MixingSampler
 
 
 class DigitCNN(nn.Module):
@@ -36,6 +49,30 @@ class DigitCNN(nn.Module):
         return self.head(x.flatten(1))
 
 
+class WideCNN(nn.Module):
+    """Three wider conv layers (24, 48, 64 channels; 3x3, ReLU; 2x2 max-pool after the first two),
+    global average pooling and one linear layer: ~40k parameters, all at 32x32 and 16x16 maps."""
+
+    def __init__(self, num_classes: int = 10, channels: tuple[int, int, int] = (24, 48, 64)):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.conv1 = nn.Conv2d(3, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
+        self.head = nn.Linear(c3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 32, 32) float in [0, 1] -> (B, num_classes) logits."""
+        x = x - 0.5
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, c1, 16, 16)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, c2, 8, 8)
+        x = F.relu(self.conv3(x))  # (B, c3, 8, 8)
+        return self.head(x.mean((2, 3)))
+
+
+ARCHITECTURES = {"small": DigitCNN, "wide": WideCNN}
+
+
 def reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
     """PyTorch's default conv/linear initialisation, drawn from `generator` instead of the global RNG."""
     for module in model.modules():
@@ -47,17 +84,68 @@ def reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
 
 
 @dataclass(frozen=True)
+class OnlineAugment:
+    """On-the-fly augmentation of every training batch, as users train: a random rotation, scale
+    and shift of each image about its centre (bilinear, black fill), drawn from the training
+    run's torch.Generator. No flips: a mirrored digit is not the same digit."""
+
+    degrees: float = 15.0  # rotation uniform in [-degrees, degrees]
+    scale: tuple[float, float] = (0.9, 1.1)  # zoom factor uniform in this range
+    shift_px: float = 2.0  # shift uniform in [-shift_px, shift_px] pixels, per axis
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B, C, H, W) float -> the same shape, each image moved by its own random draw."""
+        n, _, h, w = x.shape
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return low + (high - low) * torch.rand(n, generator=generator)
+
+        angle = torch.deg2rad(uniform(-self.degrees, self.degrees))
+        scale = uniform(*self.scale)
+        # a shift of s pixels is 2 s / size in grid_sample's normalised coordinates
+        shift = torch.stack(
+            [
+                uniform(-self.shift_px, self.shift_px) * 2 / w,
+                uniform(-self.shift_px, self.shift_px) * 2 / h,
+            ],
+            -1,
+        )
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        # output pixel p samples the input at A^-1 (p - shift): the inverse of rotate-scale-shift
+        inverse = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+        offset = -(inverse @ shift[:, :, None])
+        theta = torch.cat([inverse, offset], -1)  # (B, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@dataclass(frozen=True)
 class TrainRecipe:
-    """The CNN's training settings; one recipe for every variant, fixed before any measurement."""
+    """The CNN's training settings; one recipe for every variant, fixed before any measurement.
+
+    The defaults are the first protocol's (the small CNN, no augmentation in the loop);
+    `SMALL` and `WIDE` below are the recipes of the protocol users follow.
+    """
 
     steps: int = 600  # a fixed number of updates for every variant, so none gets more training
     batch_size: int = 32
     lr: float = 1e-3  # Adam's usual learning rate
     weight_decay: float = 0.0
     threads: int = 1  # torch threads: the CNN is tiny and the machine is shared
+    arch: str = "small"  # a key of ARCHITECTURES
+    augment: OnlineAugment | None = None  # on-the-fly augmentation of every batch (None: off)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# The recipes of the protocol users follow (augmentation on). WIDE is the prototype study's.
+SMALL = TrainRecipe(steps=600, batch_size=32, arch="small", augment=OnlineAugment())
+WIDE = TrainRecipe(steps=800, batch_size=48, arch="wide", augment=OnlineAugment())
+RECIPES = {"small": SMALL, "wide": WIDE}
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -95,6 +183,69 @@ def train_classifier(
         optimizer.step()
     model.eval()
     return model
+
+
+def train_as_users_train(
+    real_images: np.ndarray,
+    real_labels: np.ndarray,
+    added_images: np.ndarray | None,
+    added_labels: np.ndarray | None,
+    recipe: TrainRecipe,
+    seed: int,
+    ratio: float = 0.0,
+    weight: float = 1.0,
+    num_classes: int = 10,
+    checkpoints: dict[int, Callable[[nn.Module], object]] | None = None,
+) -> tuple[nn.Module, dict[int, object]]:
+    """Train a fresh `recipe.arch` CNN on real plus added samples, as users train.
+
+    Batches come from the product's mixing loader: a fraction `ratio` of each batch is drawn from
+    the added samples (generated images, or oversampled copies), each with loss weight `weight`
+    (real ones 1.0), with the weighted mean cross-entropy sum(w * loss) / sum(w). Every batch is
+    augmented with `recipe.augment` when set. The seed fixes everything: the weights and the
+    augmentation draws (one torch.Generator, weights first, so the same seed starts every variant
+    from the same weights) and the batch order (the sampler's numpy Generator).
+    `checkpoints`: step -> callable(model), called (in eval mode) after that many updates; their
+    results are returned by step, so one run gives the accuracies of several step counts.
+    """
+    torch.set_num_threads(recipe.threads)
+    generator = torch.Generator().manual_seed(seed)
+    model = ARCHITECTURES[recipe.arch](num_classes)
+    reset_parameters(model, generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    real_x = to_tensor(real_images)
+    real_y = torch.as_tensor(real_labels, dtype=torch.long)
+    if added_images is None or len(added_images) == 0:
+        added_x, added_y = real_x[:0], real_y[:0]
+    else:
+        added_x, added_y = to_tensor(added_images), torch.as_tensor(added_labels, dtype=torch.long)
+    sampler = MixingSampler(
+        len(real_y), len(added_y), recipe.batch_size, ratio, weight, rng=seed, steps=recipe.steps
+    )
+    results: dict[int, object] = {}
+    model.train()
+    for step, batch in enumerate(sampler, start=1):
+        # 1. the batch's images from both pools, augmented
+        index = torch.from_numpy(batch.index)
+        is_added = torch.from_numpy(batch.generated)
+        x = torch.empty((len(index), *real_x.shape[1:]))
+        y = torch.empty(len(index), dtype=torch.long)
+        x[~is_added], y[~is_added] = real_x[index[~is_added]], real_y[index[~is_added]]
+        x[is_added], y[is_added] = added_x[index[is_added]], added_y[index[is_added]]
+        if recipe.augment is not None:
+            x = recipe.augment(x, generator)
+        # 2. one weighted cross-entropy step
+        w = torch.from_numpy(batch.weight)
+        loss = (w * F.cross_entropy(model(x), y, reduction="none")).sum() / w.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if checkpoints and step in checkpoints:
+            model.eval()
+            results[step] = checkpoints[step](model)
+            model.train()
+    model.eval()
+    return model, results
 
 
 @torch.no_grad()
