@@ -107,9 +107,30 @@ def _parse_label(ext: str, payload: bytes, label_key: str) -> int | str:
 LABEL_MAX_BYTES = 1 << 20
 
 
-def list_webdataset(path: Path, label_key: str) -> Listing:
-    """Tars whose samples hold an image member and a `.cls` (integer) or `.json` label."""
-    tars = [path] if path.is_file() else sorted(path.glob("*.tar"))
+def expand_pattern(text: str) -> list[Path]:
+    """A brace pattern of tar files (`shapes-{000..002}.tar`, as webdataset writes them) -> the
+    files, each of which must exist; a plain path -> itself."""
+    if "{" not in text:
+        return [Path(text)]
+    from braceexpand import braceexpand
+
+    paths = [Path(p) for p in braceexpand(text)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"dataset.path {text}: {len(missing)} of its {len(paths)} files do not exist "
+            f"(the first: {missing[0]})"
+        )
+    return paths
+
+
+def list_webdataset(path: Path | list[Path], label_key: str) -> Listing:
+    """Tars whose samples hold an image member and a `.cls` (integer) or `.json` label: one tar, a
+    folder of tars, or a list of tars (an expanded brace pattern)."""
+    if isinstance(path, list):
+        tars = path
+    else:
+        tars = [path] if path.is_file() else sorted(path.glob("*.tar"))
     samples: dict[tuple[str, str], dict[str, tarfile.TarInfo | int | str]] = {}
     skipped: Counter = Counter()
     for tar_path in tars:

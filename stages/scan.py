@@ -27,6 +27,10 @@ class ScanConfig:
 
 def scan(config: ScanConfig) -> Listing:
     """The dataset's classes, images per class and what was skipped while listing."""
+    if "{" in config.path:  # a brace pattern of tar files
+        from pipeline.datasets import expand_pattern, list_webdataset
+
+        return list_webdataset(expand_pattern(config.path), config.label_key)
     path = Path(config.path)
     if not path.exists():
         raise UserError(

@@ -206,3 +206,16 @@ def test_parquet_cells_are_read_from_their_row_group(tmp_path):
     )
     for row in range(5):
         assert read_bytes(f"{tmp_path / 'p.parquet'}#{row}") == images[row]
+
+
+def test_a_brace_pattern_of_tars_is_a_dataset(tmp_path):
+    for i in range(3):
+        with tarfile.open(tmp_path / f"shapes-{i:03d}.tar", "w") as tar:
+            for name, data in ((f"s{i}.png", png_bytes()), (f"s{i}.cls", b"1")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    listing = scan(ScanConfig(path=str(tmp_path / "shapes-{000..002}.tar")))
+    assert listing.counts() == {1: 3}
+    with pytest.raises(UserError, match="1 of its 4 files do not exist"):
+        scan(ScanConfig(path=str(tmp_path / "shapes-{000..003}.tar")))
