@@ -525,40 +525,42 @@ def run_tasks(
     tasks: list[Task], jobs: int, cache: Path | None = None
 ) -> dict[tuple, dict[int, dict[str, np.ndarray]]]:
     """Every task, on `jobs` worker processes (spawned, one torch thread each; 1: in this process).
-    Each result depends only on its task, so the number of workers changes no number. With a
-    `cache` folder, a task whose digest (`task_digest`) was computed before is read back instead
-    of trained again."""
-    out = {}
-    todo = []
-    digests = {}
+    Each result depends only on its task (`task_digest`), so the number of workers changes no
+    number, and tasks with equal digests (two variants with the same added images) are trained
+    once. With a `cache` folder, a digest computed before is read back instead of trained again."""
+    digests = {task.key: task_digest(task) for task in tasks}
+    by_digest: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    todo: dict[str, Task] = {}
     for task in tasks:
-        if cache is not None:
-            digests[task.key] = task_digest(task)
-            hit = _load_cached(cache / f"{digests[task.key]}.npz")
-            if hit is not None:
-                out[task.key] = hit
-                continue
-        todo.append(task)
-    if cache is not None and len(todo) < len(tasks):
-        log(f"  {len(tasks) - len(todo)}/{len(tasks)} trainings read from the cache")
+        digest = digests[task.key]
+        if digest in by_digest or digest in todo:
+            continue
+        hit = _load_cached(cache / f"{digest}.npz") if cache is not None else None
+        if hit is not None:
+            by_digest[digest] = hit
+        else:
+            todo[digest] = task
+    if len(todo) < len(tasks):
+        log(f"  {len(tasks)} trainings: {len(todo)} to train, the rest cached or duplicates")
 
     def done(key, preds):
-        out[key] = preds
+        by_digest[digests[key]] = preds
         if cache is not None:
             _store_cached(cache / f"{digests[key]}.npz", preds)
 
-    if jobs <= 1 or len(todo) <= 1:
-        for task in todo:
+    pending = list(todo.values())
+    if jobs <= 1 or len(pending) <= 1:
+        for task in pending:
             key, preds, _ = run_task(task)
             done(key, preds)
-        return out
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(jobs, len(todo))) as pool:
-        for n, (key, preds, _) in enumerate(pool.imap_unordered(run_task, todo), start=1):
-            done(key, preds)
-            if n % 20 == 0 or n == len(todo):
-                log(f"  {n}/{len(todo)} trainings done")
-    return out
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(min(jobs, len(pending))) as pool:
+            for n, (key, preds, _) in enumerate(pool.imap_unordered(run_task, pending), start=1):
+                done(key, preds)
+                if n % 20 == 0 or n == len(pending):
+                    log(f"  {n}/{len(pending)} trainings done")
+    return {task.key: by_digest[digests[task.key]] for task in tasks}
 
 
 def accuracies(predicted: np.ndarray, labels: np.ndarray, rare: list[int]) -> dict[str, float]:

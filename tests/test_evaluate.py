@@ -441,6 +441,9 @@ def test_cached_trainings_are_read_back_and_any_change_trains_again(tmp_path, mo
     assert calls == [] and np.array_equal(again[("t",)][3]["val"], first[("t",)][3]["val"])
     run_tasks([replace(task, seed=1)], 1, tmp_path)
     assert len(calls) == 1 and len(list(tmp_path.glob("*.npz"))) == 2
+    # two variants with the same added samples train once, without a cache too
+    twins = run_tasks([replace(task, seed=2), replace(task, key=("u",), seed=2)], 1, None)
+    assert len(calls) == 2 and np.array_equal(twins[("t",)][3]["val"], twins[("u",)][3]["val"])
 
 
 def test_paired_differences_match_seed_and_draw():
