@@ -27,6 +27,7 @@ from research.digits import (
     REGIME_SPLITS,
     DigitsSplit,
     load_digits_arrays,
+    named_indices,
     render,
     split_indices,
     tail_named_indices,
@@ -35,11 +36,15 @@ from research.tiny_model import ComponentSpec, assemble_pipeline, build_componen
 
 PROMPT_TEMPLATE = "a photo of the digit {}"
 GENERIC_CAPTION = "a photo of a digit"  # the seen regime's caption of unnamed tail images
-MODEL_NAMES = {"never-seen": "tiny-digits", "seen": "tiny-digits-seen"}
+MODEL_NAMES = {
+    "never-seen": "tiny-digits",
+    "seen": "tiny-digits-seen",
+    "seen-mixed": "tiny-digits-seen-mixed",
+}
 # Every caption word is one token. The tokenizer sorts and dedups its words, so this gives the same
 # tokenizer as the first model's list (the template's words and the class names).
 CAPTION_WORDS = PROMPT_TEMPLATE.format("").split() + CLASS_NAMES + GENERIC_CAPTION.split()
-DEFAULT_OUT = {"never-seen": Path("models/tiny-digits"), "seen": Path("models/tiny-digits-seen")}
+DEFAULT_OUT = {name: Path("models") / model for name, model in MODEL_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -71,13 +76,14 @@ def regime_config(regime: str, **overrides) -> TrainConfig:
 
 
 def captions(labels: np.ndarray, train_idx: np.ndarray, split: DigitsSplit) -> list[str]:
-    """The caption of each model training image: head images and the named tail images say
-    "a photo of the digit <name>"; the other tail images (seen regime) say "a photo of a digit"."""
-    named = set(tail_named_indices(labels, split))
+    """The caption of each model training image: the named images (every head image, unless the
+    split's `model_head_named` says otherwise, and `model_tail_named` of each tail class) say
+    "a photo of the digit <name>"; the others (seen regimes) say "a photo of a digit"."""
+    named = set(named_indices(labels, split, tail=True)) | set(
+        named_indices(labels, split, tail=False)
+    )
     return [
-        PROMPT_TEMPLATE.format(CLASS_NAMES[labels[i]])
-        if labels[i] not in split.tail_classes or i in named
-        else GENERIC_CAPTION
+        PROMPT_TEMPLATE.format(CLASS_NAMES[labels[i]]) if i in named else GENERIC_CAPTION
         for i in train_idx.tolist()
     ]
 
@@ -213,8 +219,8 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
         "prompt_template": PROMPT_TEMPLATE,
         "captions": {
             "scheme": (
-                "head classes and the named tail images: prompt_template with the class name;"
-                " the other tail images: generic_caption"
+                "the named images (per_class: named) say prompt_template with the class name;"
+                " the others (per_class: generic) say generic_caption"
             ),
             "generic_caption": GENERIC_CAPTION,
             "per_class": caption_counts(labels, train_idx, prompts),
@@ -254,8 +260,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="default: models/tiny-digits[-seen]")
     parser.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
     parser.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=TrainConfig.threads,
+        help="torch threads; 1 is faster on cores shared with other busy jobs",
+    )
     args = parser.parse_args(argv)
-    cfg = regime_config(args.regime, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+    cfg = regime_config(
+        args.regime, vae_steps=args.vae_steps, unet_steps=args.unet_steps, threads=args.threads
+    )
     train(cfg, args.out or DEFAULT_OUT[args.regime])
 
 
