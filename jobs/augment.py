@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs import console
 from jobs.exits import guarded
 from pipeline.config import to_dict
 from pipeline.datasets import Listing
@@ -49,8 +51,9 @@ from stages.select import ClassPlan, select
 from stages.walk import make_walks, shard_slots
 
 
-def log(message: str) -> None:
-    print(f"[tailseed] {message}", flush=True)
+def log(message: str, level: int = logging.INFO) -> None:
+    """A `[tailseed]` line on stdout, if the verbosity (`--quiet`, `--verbose`) shows `level`."""
+    console.log(message, level)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,6 +170,7 @@ def make_runner(config: AugmentConfig, address: str | None):
         num_cpus=config.ray.local_num_cpus or None,
         object_store_mb=config.ray.object_store_mb,
         log=log,
+        verbose=console.verbosity() == console.VERBOSE,
     )
 
 
@@ -192,23 +196,27 @@ def run_inversion(plan: Plan, runner, out: Path, timings: dict, nodes: set) -> d
     units = InvertStage.units(sources, cfg.invert, plan.config_hash)
     t0 = time.perf_counter()
     results = {}
-    for res in runner.run(units, [InvertStage.spec(cfg.model, cfg.invert)]):
-        results.update(
-            {
-                str(k): {name: res.batch[name][i] for name in res.batch}
-                for i, k in enumerate(res.batch["key"])
-            }
-        )
-        nodes.update(res.node_id.split(","))
-        log(
-            f"invert: unit {len(results)}/{len(sources)} images done ({res.seconds:.1f}s in the stage)"
-        )
+    stages = [InvertStage.spec(cfg.model, cfg.invert)]
+    with console.StageBar("invert", total=len(sources)) as bar:
+        for res in runner.run(units, stages, progress=bar.within):
+            bar.finished(res.unit, len(res.batch["key"]))
+            results.update(
+                {
+                    str(k): {name: res.batch[name][i] for name in res.batch}
+                    for i, k in enumerate(res.batch["key"])
+                }
+            )
+            nodes.update(res.node_id.split(","))
+            log(
+                f"invert: unit {len(results)}/{len(sources)} images done ({res.seconds:.1f}s in the stage)"
+            )
+            log(f"invert: unit {res.unit} ran on node(s) {res.node_id}", logging.DEBUG)
     timings["invert_s"] = round(time.perf_counter() - t0, 2)
     for p in todo:
         health = class_health(p.source_keys, results)
         plan.health[str(p.class_index)] = health
         if "warning" in health:
-            log(f"warning: class {p.class_name!r}: {health['warning']}")
+            log(f"warning: class {p.class_name!r}: {health['warning']}", logging.WARNING)
         rows, failed = seed_rows(
             p.class_index,
             p.class_name,
@@ -221,7 +229,7 @@ def run_inversion(plan: Plan, runner, out: Path, timings: dict, nodes: set) -> d
         )
         for key, why in failed.items():
             plan.failed[key] = f"class {p.class_name!r}: {why}"
-            log(f"invert: {key} failed, {why}; left out of the walks")
+            log(f"invert: {key} failed, {why}; left out of the walks", logging.WARNING)
         path = seeds_path(out, p.class_index)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_seeds(path, rows)
@@ -297,7 +305,7 @@ def run_generation(
             continue
         stats = shards_dir / stats_name(s)
         if stats.exists():  # a done-marker that does not hold: never trusted again
-            log(f"generate: shard {s:05d} is redone: {why}")
+            log(f"generate: shard {s:05d} is redone: {why}", logging.WARNING)
             stats.unlink()
         units[s] = GenerateStage.unit(s, slots[s * per : (s + 1) * per], meta)
     done_before = num_shards - len(units)
@@ -307,15 +315,21 @@ def run_generation(
         return num_shards
     t0 = time.perf_counter()
     finished = done_before
-    for res in runner.run(units, shard_stages(cfg, shards_dir)):
-        finished += 1
-        nodes.update(res.node_id.split(","))
-        skipped = json.loads(str(res.batch["skipped"][0]))
-        extra = f", skipped {skipped}" if skipped else ""
-        log(
-            f"generate: shard {res.unit:05d} written ({int(res.batch['samples'][0])} samples{extra}), "
-            f"{finished}/{num_shards} shards done ({res.seconds:.1f}s in the stages)"
-        )
+    # the bar counts images generated (with the filter on, every candidate of the pool)
+    images = {s: len(unit["key"]) for s, unit in units.items()}
+    total = sum(len(slot) for slot in slots)
+    with console.StageBar("generate", total, initial=total - sum(images.values())) as bar:
+        for res in runner.run(units, shard_stages(cfg, shards_dir), progress=bar.within):
+            bar.finished(res.unit, images[res.unit])
+            finished += 1
+            nodes.update(res.node_id.split(","))
+            skipped = json.loads(str(res.batch["skipped"][0]))
+            extra = f", skipped {skipped}" if skipped else ""
+            log(
+                f"generate: shard {res.unit:05d} written ({int(res.batch['samples'][0])} samples{extra}), "
+                f"{finished}/{num_shards} shards done ({res.seconds:.1f}s in the stages)"
+            )
+            log(f"generate: shard {res.unit:05d} ran on node(s) {res.node_id}", logging.DEBUG)
     timings["generate_s"] = round(time.perf_counter() - t0, 2)
     return num_shards
 
@@ -573,7 +587,8 @@ def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: 
     counts = report["counts"]
     log(
         f"done in {timings['total_s']:.0f}s: {counts['samples']} images in {num_shards} shards for "
-        f"{len(plan.plans)} rare classes ({', '.join(p.class_name for p in plan.plans)}) -> {out}/shards"
+        f"{len(plan.plans)} rare classes ({', '.join(p.class_name for p in plan.plans)}) -> {out}/shards",
+        console.SUMMARY,
     )
     log(f"look first: {', '.join(str(out / s) for s in report['contact_sheets'])}")
     return report
@@ -598,6 +613,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--ray-address", default="", help="a Ray cluster: http://HOST:8265 submits a Ray job"
     )
+    console.add_flags(p, at_top=False)
     p.set_defaults(func=main_args)
 
 
@@ -618,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
     args = parser.parse_args(["augment", *(argv if argv is not None else sys.argv[1:])])
+    console.configure(getattr(args, "verbosity", None))
     return guarded("augment", main_args, args)
 
 

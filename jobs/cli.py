@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from jobs import console
+
 # subcommand -> module that defines `add_parser(subparsers)`; each sets `func` on its parser.
 SUBCOMMANDS = {
     "augment": "jobs.augment",
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tailseed", description="Grow the rare classes of an image dataset."
     )
     parser.add_argument("--version", action="version", version=f"tailseed {_version()}")
+    console.add_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     registered = set()
     for module_name in SUBCOMMANDS.values():
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.exits import guarded
 
     args = build_parser().parse_args(argv)
+    console.configure(args.verbosity)
     return guarded(args.command, args.func, args)
 
 

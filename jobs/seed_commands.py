@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs import console
 from pipeline.errors import UserError
 
 DEFAULT_MODEL = "models/tiny-digits"
@@ -57,6 +58,7 @@ def add_parser(subparsers) -> None:
     inv.add_argument("--noise-seed", type=int, default=0, help="base seed of the adjustment noise")
     inv.add_argument("--batch-size", type=int, default=16, help="images per inversion batch")
     inv.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    console.add_flags(inv, at_top=False)
     inv.set_defaults(func=run_invert)
 
     gen = subparsers.add_parser(
@@ -69,6 +71,7 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--out", required=True, type=Path, help="folder for <key>.png")
     gen.add_argument("--batch-size", type=int, default=16)
     gen.add_argument("--device", default="auto")
+    console.add_flags(gen, at_top=False)
     gen.set_defaults(func=run_generate)
 
 
@@ -142,39 +145,44 @@ def run_invert(args) -> int:
     inverter = Inverter(pipe, config)
     images = np.stack([load_image(p, inverter.image_size) for p in paths])
     rows, failed = [], []
-    for start in range(0, len(paths), args.batch_size):
-        part = slice(start, start + args.batch_size)
-        batch_keys = keys[part]
-        out = inverter.invert(
-            images[part],
-            [args.prompt] * len(batch_keys),
-            [noise_seed(k, args.noise_seed) for k in batch_keys],
-        )
-        for j, key in enumerate(batch_keys):
-            if out["failed"][j]:
-                failed.append(f"{paths[start + j]} (residual {out['residual'][j]:.3g})")
-                continue
-            inverted = {name: values[j] for name, values in out.items()}
-            rows.append(
-                seed_row(
-                    key,
-                    class_index,
-                    class_name,
-                    args.prompt,
-                    inverted,
-                    config.guidance_scale,
-                    config.num_inference_steps,
-                    info["model"],
-                    info["model_hash"],
+    with console.StageBar("invert", total=len(paths)) as bar:
+        for unit, start in enumerate(range(0, len(paths), args.batch_size)):
+            part = slice(start, start + args.batch_size)
+            batch_keys = keys[part]
+            n = len(batch_keys)
+            out = inverter.invert(
+                images[part],
+                [args.prompt] * n,
+                [noise_seed(k, args.noise_seed) for k in batch_keys],
+                bar.batch(unit, n),
+            )
+            bar.finished(unit, n)
+            for j, key in enumerate(batch_keys):
+                if out["failed"][j]:
+                    failed.append(f"{paths[start + j]} (residual {out['residual'][j]:.3g})")
+                    continue
+                inverted = {name: values[j] for name, values in out.items()}
+                rows.append(
+                    seed_row(
+                        key,
+                        class_index,
+                        class_name,
+                        args.prompt,
+                        inverted,
+                        config.guidance_scale,
+                        config.num_inference_steps,
+                        info["model"],
+                        info["model_hash"],
+                    )
                 )
-            )
-            print(
-                f"{key}: psnr {out['recon_psnr'][j]:.2f} dB, latent rmse "
-                f"{out['recon_latent_rmse'][j]:.4f}, nfe {out['nfe'][j]}"
-            )
+                console.log(
+                    f"{key}: psnr {out['recon_psnr'][j]:.2f} dB, latent rmse "
+                    f"{out['recon_latent_rmse'][j]:.4f}, nfe {out['nfe'][j]}",
+                    prefix="",
+                )
     if rows:
         write_seeds(args.out, rows)
-        print(f"wrote {len(rows)} seeds to {args.out}")
+        console.log(f"wrote {len(rows)} seeds to {args.out}", console.SUMMARY, prefix="")
     if failed:
         print(
             f"tailseed invert: {len(failed)} image(s) failed to invert (not written): "
@@ -226,13 +234,22 @@ def run_generate(args) -> int:
     for r in rows:
         groups.setdefault((float(r["guidance_scale"]), int(r["num_inference_steps"])), []).append(r)
     sampler = Sampler(pipe)
-    for (guidance, steps), group in groups.items():
-        for start in range(0, len(group), args.batch_size):
-            part = group[start : start + args.batch_size]
+    batches = [
+        (guidance, steps, group[start : start + args.batch_size])
+        for (guidance, steps), group in groups.items()
+        for start in range(0, len(group), args.batch_size)
+    ]
+    with console.StageBar("generate", total=len(rows)) as bar:
+        for unit, (guidance, steps, part) in enumerate(batches):
             images = sampler.generate(
-                np.stack([r["seed"] for r in part]), [r["prompt"] for r in part], guidance, steps
+                np.stack([r["seed"] for r in part]),
+                [r["prompt"] for r in part],
+                guidance,
+                steps,
+                bar.batch(unit, len(part)),
             )
+            bar.finished(unit, len(part))
             for r, image in zip(part, images):
                 Image.fromarray(image).save(args.out / f"{r['key']}.png")
-    print(f"wrote {len(rows)} images to {args.out}")
+    console.log(f"wrote {len(rows)} images to {args.out}", console.SUMMARY, prefix="")
     return 0

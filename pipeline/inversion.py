@@ -280,10 +280,17 @@ def decode(vae, z: torch.Tensor) -> torch.Tensor:
 # Sampling and the prompt-aware adjustment
 
 
-def sample(eps_fn: EpsFn, z: torch.Tensor, schedule: Schedule, start: int = 0) -> torch.Tensor:
+def sample(
+    eps_fn: EpsFn,
+    z: torch.Tensor,
+    schedule: Schedule,
+    start: int = 0,
+    on_step: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) from level `start` to the clean latent.
 
     z: (B, C, h, w) at level `start` (the seed z_T for start = 0) -> z_0 (B, C, h, w) float32.
+    on_step, if given, is called after each step (progress reporting; it sees no tensor).
     """
     z = z.float()
     idx = torch.arange(len(z), device=z.device)
@@ -291,6 +298,8 @@ def sample(eps_fn: EpsFn, z: torch.Tensor, schedule: Schedule, start: int = 0) -
         # 1. predict the noise at the current level, 2. step to the next level
         eps = eps_fn(z, schedule.timesteps[i].to(z.device), idx)
         z = schedule.step(i, z, eps)
+        if on_step is not None:
+            on_step()
     return z
 
 
@@ -310,7 +319,12 @@ def adjustment_steps(strength: float) -> int:
 
 
 def adjust(
-    eps_fn: EpsFn, z0: torch.Tensor, scheduler, strength: float, noise: torch.Tensor
+    eps_fn: EpsFn,
+    z0: torch.Tensor,
+    scheduler,
+    strength: float,
+    noise: torch.Tensor,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Prompt-aware encoding adjustment: noise z0 lightly and denoise it under the prompt (img2img).
 
@@ -327,7 +341,7 @@ def adjust(
     # 1. noise the latent to the first level of the last n steps
     z = math.sqrt(a) * z0.float() + math.sqrt(1 - a) * noise.to(z0.device, torch.float32)
     # 2. denoise it under the prompt
-    return sample(eps_fn, z, grid, start=start)
+    return sample(eps_fn, z, grid, start=start, on_step=on_step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,6 +459,7 @@ def fixed_point_invert(
     method: str = "fixed_point",
     anderson_m: int = 3,
     predictor: str = "ddim",
+    on_step: Callable[[], None] | None = None,
 ) -> SolverResult:
     """Invert clean latents z0 (B, C, h, w) to seeds z_T by solving each step's implicit equation.
 
@@ -457,6 +472,7 @@ def fixed_point_invert(
     being uniform). Those guesses cost no evaluation, and their residual can already stop a sample.
     A sample stops at a step once its RMS residual is <= tol; a sample with non-finite values or a
     diverging residual is marked failed and skipped from then on; the rest of the batch goes on.
+    on_step, if given, is called after each inversion step (progress reporting).
     """
     if method not in ("fixed_point", "anderson"):
         raise ValueError(f"method: {method!r}; use 'fixed_point' or 'anderson'")
@@ -501,32 +517,40 @@ def fixed_point_invert(
         failed[idx[bad]] = True
         residual[idx[bad]] = res[bad]
         evals[idx.cpu(), i] = n_eval
+        if on_step is not None:
+            on_step()
     return SolverResult(z, residual, failed, evals)
 
 
-def ddim_invert(eps_fn: EpsFn, z0: torch.Tensor, schedule: Schedule) -> SolverResult:
+def ddim_invert(
+    eps_fn: EpsFn,
+    z0: torch.Tensor,
+    schedule: Schedule,
+    on_step: Callable[[], None] | None = None,
+) -> SolverResult:
     """Plain DDIM inversion: each step evaluates eps once, at the less noisy latent.
 
     z0 (B, C, h, w) -> SolverResult with the seed z_T; the residual is not measured (NaN).
     """
-    return fixed_point_invert(eps_fn, z0, schedule, max_iters=1)
+    return fixed_point_invert(eps_fn, z0, schedule, max_iters=1, on_step=on_step)
 
 
 @dataclass(frozen=True)
 class Solver:
     """An inversion solver, registered by name in SOLVERS (`InversionConfig.method`).
 
-    invert(eps_fn, z0, schedule, config) -> SolverResult; evals_per_step(config) is the most
-    evaluations of f it makes per inversion step, which the NFE estimate of a plan asks for.
+    invert(eps_fn, z0, schedule, config, on_step=None) -> SolverResult, calling on_step (when
+    given) after each of the schedule's steps; evals_per_step(config) is the most evaluations of f
+    it makes per inversion step, which the NFE estimate of a plan asks for.
     """
 
     name: str
-    invert: Callable[[EpsFn, torch.Tensor, Schedule, InversionConfig], SolverResult]
+    invert: Callable[..., SolverResult]
     evals_per_step: Callable[[InversionConfig], int]
 
 
 def _fixed_point_solver(method: str) -> Solver:
-    def invert(eps_fn, z0, schedule, config: InversionConfig) -> SolverResult:
+    def invert(eps_fn, z0, schedule, config: InversionConfig, on_step=None) -> SolverResult:
         return fixed_point_invert(
             eps_fn,
             z0,
@@ -536,6 +560,7 @@ def _fixed_point_solver(method: str) -> Solver:
             method=method,
             anderson_m=config.anderson_m,
             predictor=config.predictor,
+            on_step=on_step,
         )
 
     return Solver(method, invert, lambda config: config.max_iters)
@@ -543,7 +568,9 @@ def _fixed_point_solver(method: str) -> Solver:
 
 SOLVERS: dict[str, Solver] = {
     "ddim": Solver(
-        "ddim", lambda eps_fn, z0, schedule, _: ddim_invert(eps_fn, z0, schedule), lambda _: 1
+        "ddim",
+        lambda eps_fn, z0, schedule, _, on_step=None: ddim_invert(eps_fn, z0, schedule, on_step),
+        lambda _: 1,
     ),
     "fixed_point": _fixed_point_solver("fixed_point"),
     "anderson": _fixed_point_solver("anderson"),
@@ -631,7 +658,11 @@ class Inverter:
 
     @torch.inference_mode()
     def invert(
-        self, images: np.ndarray, prompts: list[str], noise_seeds: list[int]
+        self,
+        images: np.ndarray,
+        prompts: list[str],
+        noise_seeds: list[int],
+        progress: Callable[[float], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Images (B, H, W, 3) uint8 at the model's resolution -> seeds and their measures.
 
@@ -641,6 +672,10 @@ class Inverter:
         recon_latent_rmse (B,) float32 (regenerated latent vs the unadjusted VAE latent);
         vae_psnr (B,) float32 (the VAE's own round trip of the image, dB: the ceiling of
         recon_psnr); residual (B,) float32; failed (B,) bool. Failed samples have NaN measures.
+
+        progress, if given, is called with the fraction of the batch's denoising steps done
+        (adjustment, inversion and regeneration, in [0, 1]) after each step, and with 1.0 at the
+        end. The batch is solved together, so the fraction is the whole batch's, not per image.
         """
         cfg, pipe = self.config, self.pipe
         self._check_images(images)
@@ -652,27 +687,30 @@ class Inverter:
         vae_psnr = psnr(tensor_to_images(decode(pipe.vae, z_clean)), images)
         cond, uncond = encode_prompts(pipe, prompts)
         counter = NFECounter(batch)
+        adjusting = adjustment_steps(cfg.adjust_strength) if cfg.adjust_strength > 0 else 0
+        on_step = _StepCounter(adjusting + 2 * len(self.schedule), progress)
         # 2. prompt-aware adjustment of the latent, with each sample's own noise
         if cfg.adjust_strength > 0:
             gens = [torch.Generator().manual_seed(int(s)) for s in noise_seeds]
             noise = adjustment_noise(z_clean.shape[1:], gens)
             adj_eps = GuidedEps(pipe.unet, cond, uncond, cfg.adjust_guidance, counter)
-            z_target = adjust(adj_eps, z_clean, pipe.scheduler, cfg.adjust_strength, noise)
+            z_target = adjust(adj_eps, z_clean, pipe.scheduler, cfg.adjust_strength, noise, on_step)
         else:
             z_target = z_clean
         # 3. invert
         eps_fn = GuidedEps(pipe.unet, cond, uncond, cfg.guidance_scale, counter)
-        result = SOLVERS[cfg.method].invert(eps_fn, z_target, self.schedule, cfg)
+        result = SOLVERS[cfg.method].invert(eps_fn, z_target, self.schedule, cfg, on_step)
         # 4. regenerate the samples that did not fail and measure against the originals
         ok = (~result.failed).nonzero().squeeze(1)
         psnr_out = np.full(batch, np.nan, np.float32)
         rmse_out = np.full(batch, np.nan, np.float32)
         if len(ok):
             regen_eps = GuidedEps(pipe.unet, cond[ok], uncond[ok], cfg.guidance_scale)
-            z_hat = sample(regen_eps, result.seed[ok], self.schedule)
+            z_hat = sample(regen_eps, result.seed[ok], self.schedule, on_step=on_step)
             regen = tensor_to_images(decode(pipe.vae, z_hat))
             psnr_out[ok.cpu().numpy()] = psnr(regen, images[ok.cpu().numpy()])
             rmse_out[ok.cpu().numpy()] = latent_rmse(z_hat, z_clean[ok]).cpu().numpy()
+        on_step.finish()
         return {
             "seed": result.seed.cpu().numpy().astype(np.float32),
             "nfe": counter.counts.numpy().astype(np.int64),
@@ -711,12 +749,38 @@ class Sampler:
         prompts: list[str],
         guidance_scale: float,
         num_inference_steps: int,
+        progress: Callable[[float], None] | None = None,
     ) -> np.ndarray:
-        """Seeds (B, C, h, w) float32 -> images (B, H, W, 3) uint8."""
+        """Seeds (B, C, h, w) float32 -> images (B, H, W, 3) uint8.
+
+        progress, if given, is called with the fraction of the denoising steps done, in [0, 1],
+        after each step (the batch is denoised together).
+        """
         if len(seeds) != len(prompts):
             raise ValueError("seeds and prompts must have the same length")
         cond, uncond = encode_prompts(self.pipe, prompts)
         eps_fn = GuidedEps(self.pipe.unet, cond, uncond, guidance_scale)
         z = torch.from_numpy(np.asarray(seeds, dtype=np.float32)).to(self.device)
-        z0 = sample(eps_fn, z, self.schedule(num_inference_steps))
+        schedule = self.schedule(num_inference_steps)
+        on_step = _StepCounter(len(schedule), progress)
+        z0 = sample(eps_fn, z, schedule, on_step=on_step)
+        on_step.finish()
         return tensor_to_images(decode(self.pipe.vae, z0))
+
+
+class _StepCounter:
+    """Turns per-step calls into `progress(fraction of `total` steps done)`; a no-op without one."""
+
+    def __init__(self, total: int, progress: Callable[[float], None] | None):
+        self.total, self.done, self.progress = max(1, total), 0, progress
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(min(1.0, self.done / self.total))
+
+    def finish(self) -> None:
+        """Steps that did not run (every sample failed, nothing to regenerate) count as done."""
+        if self.progress is not None and self.done < self.total:
+            self.done = self.total
+            self.progress(1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -216,6 +217,19 @@ def resolve_folder(spec: ModelSpec) -> Path:
     return folder
 
 
+def _quiet_libraries() -> None:
+    """diffusers' and transformers' progress bars ("Loading weights", "Loading pipeline
+    components") are never shown: a command draws its own. Their logs are held at ERROR unless a
+    caller raised them (`--verbose` sets INFO before any model is loaded)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        if library.get_verbosity() >= logging.WARNING:
+            library.set_verbosity_error()
+
+
 def load_pipeline(spec: ModelSpec, with_hash: bool = True):
     """Load a StableDiffusionPipeline on the spec's device and dtype; refuse v-prediction models.
 
@@ -228,10 +242,7 @@ def load_pipeline(spec: ModelSpec, with_hash: bool = True):
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     folder = resolve_folder(spec)
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
+    _quiet_libraries()
     try:
         with warnings.catch_warnings():
             # newer diffusers renames torch_dtype to dtype; older ones only know torch_dtype

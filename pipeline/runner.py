@@ -6,15 +6,22 @@ numpy arrays sharing a leading dimension. The unit of work (an inversion chunk, 
 by the driver, not by Ray's block boundaries: each unit travels as one Ray row holding its batch
 packed with `numpy.savez` (no pickle), so a unit is computed the same way on every run and resume.
 `LocalRunner` runs the same stages in-process (tests, benchmarks' floor).
+
+Progress: a stage whose `__call__` takes a `progress` keyword reports the images' worth of its
+unit done so far through it. In-process, `run(..., progress=fn)` passes `fn(unit, images done)`
+on; on Ray the stages run in actors, and the caller counts units as they come back.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import math
 import os
+import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -112,6 +119,7 @@ class _UnitAdapter:
         self._set_threads()
         self.stage = stage_cls(**stage_kwargs)
         self.node_id = _node_id()
+        self.reports_progress = "progress" in inspect.signature(self.stage.__call__).parameters
 
     def _set_threads(self) -> None:
         """A fractional CPU reservation is bookkeeping only: bound torch's threads to it. Set per
@@ -121,7 +129,11 @@ class _UnitAdapter:
         if torch is not None:
             torch.set_num_threads(self.threads)
 
-    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(
+        self, rows: dict[str, np.ndarray], progress: Callable[[int, float], None] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Runs the stage on each unit of `rows`; progress(unit, images done), when given, is
+        passed on to a stage that reports progress."""
         self._set_threads()
         out_units, out_payloads, seconds, nodes = [], [], [], []
         earlier_nodes = rows.get("node_id", [""] * len(rows["unit"]))
@@ -130,7 +142,10 @@ class _UnitAdapter:
             rows["unit"], rows["payload"], earlier_nodes, earlier_seconds
         ):
             t0 = time.perf_counter()
-            result = self.stage(unpack(bytes(blob)))
+            if progress is not None and self.reports_progress:
+                result = self.stage(unpack(bytes(blob)), progress=_for_unit(progress, int(unit)))
+            else:
+                result = self.stage(unpack(bytes(blob)))
             seconds.append(float(spent) + time.perf_counter() - t0)
             nodes.append(f"{node},{self.node_id}" if node else self.node_id)
             out_units.append(int(unit))
@@ -141,6 +156,10 @@ class _UnitAdapter:
             "node_id": np.asarray(nodes),
             "seconds": np.asarray(seconds, dtype=np.float64),
         }
+
+
+def _for_unit(progress: Callable[[int, float], None], unit: int) -> Callable[[float], None]:
+    return lambda done: progress(unit, done)
 
 
 def _node_id() -> str:
@@ -176,8 +195,13 @@ class LocalRunner:
         return ["local"]
 
     def run(
-        self, units: dict[int, dict[str, np.ndarray]], stages: list[Stage]
+        self,
+        units: dict[int, dict[str, np.ndarray]],
+        stages: list[Stage],
+        progress: Callable[[int, float], None] | None = None,
     ) -> Iterator[UnitResult]:
+        """Units in order through the stages; progress(unit, images done), when given, is called
+        as each stage that reports progress advances inside a unit."""
         adapters = []
         for stage in stages:
             key = (stage.cls, repr(sorted(stage.kwargs.items())))
@@ -192,7 +216,7 @@ class LocalRunner:
                 "payload": np.asarray([pack(units[unit])], dtype=object),
             }
             for adapter in adapters:
-                rows = adapter(rows)
+                rows = adapter(rows, progress)
             yield UnitResult(
                 unit, unpack(bytes(rows["payload"][0])), "local", float(rows["seconds"][0])
             )
@@ -201,8 +225,105 @@ class LocalRunner:
         self._cache.clear()
 
 
+# What Ray prints on every start and execution that says nothing to the person running tailseed.
+# Python loggers, held at ERROR unless verbose:
+RAY_NOISE_LOGGERS = (
+    # "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt
+    # out": a notice on each start; the auth mode itself is left as Ray chose it
+    "ray._private.authentication.authentication_token_setup",
+    # "Progress bars disabled. To enable, set ...": tailseed draws its own
+    "ray.data._internal.progress",
+)
+# Lines that the driver's core worker (C++) writes straight to file descriptor 2, past Python's
+# logging. Ray Data always passes an actor pool's constructor arguments through the object store
+# and makes its actors restartable, so every execution logs this at error level; the same line
+# stays in the session's python-core-driver log.
+RAY_NOISE_LINES = (
+    re.compile(
+        rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object "
+        rb"store and max_restarts > 0"
+    ),
+)
+
+
+class NoiseLines:
+    """Drops whole lines that match `patterns` from a byte stream, passing the rest on as it
+    comes: only a line that starts with "[" (the C++ log prefix) is held until its end, to be
+    matched; anything else (a progress bar's carriage-return redraws, a traceback) passes at
+    once. A chunk that starts with "[" starts a new line: C++ writes a whole line at a time, and
+    it may follow a bar's redraw, which ends without a newline."""
+
+    def __init__(self, patterns: tuple[re.Pattern, ...] = RAY_NOISE_LINES):
+        self.patterns = patterns
+        self.held = b""  # the current line, while it may be noise
+        self.passing = False  # the current line is known not to be noise
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes of `chunk` (and of earlier held ones) to write on now."""
+        out = []
+        if chunk.startswith(b"[") and self.passing:
+            self.passing = False
+        for piece in re.split(rb"(?<=[\r\n])", chunk):
+            if not piece:
+                continue
+            ends = piece.endswith((b"\n", b"\r"))
+            if self.passing:
+                out.append(piece)
+            else:
+                self.held += piece
+                if not self.held.startswith(b"["):
+                    out.append(self.held)
+                    self.held, self.passing = b"", not ends
+                elif ends:
+                    if not any(p.search(self.held) for p in self.patterns):
+                        out.append(self.held)
+                    self.held = b""
+            if ends:
+                self.passing = False
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        held, self.held = self.held, b""
+        return held
+
+
+class StderrFilter:
+    """Filters what this process writes to file descriptor 2, C++ libraries included, through
+    `NoiseLines`: fd 2 becomes a pipe that a thread drains into the original stderr."""
+
+    def __init__(self, patterns: tuple[re.Pattern, ...] = RAY_NOISE_LINES):
+        self.lines = NoiseLines(patterns)
+        sys.stderr.flush()
+        self.original = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self._read = read
+        self._thread = threading.Thread(target=self._drain, name="stderr-filter", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while chunk := os.read(self._read, 65536):
+            os.write(self.original, self.lines.feed(chunk))
+        os.write(self.original, self.lines.flush())
+        os.close(self._read)
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Restore fd 2 and write out what the pipe still holds."""
+        sys.stderr.flush()
+        os.dup2(self.original, 2)  # closes this process's write end of the pipe
+        self._thread.join(timeout_s)  # a child that kept the pipe open must not hang the exit
+        if not self._thread.is_alive():
+            os.close(self.original)
+
+
 class RayRunner:
-    """Ray Data execution: one fixed-size actor pool per stage, units streamed back as they finish."""
+    """Ray Data execution: one fixed-size actor pool per stage, units streamed back as they finish.
+
+    Unless `verbose`, Ray's start-up and execution noise (RAY_NOISE_LOGGERS, RAY_NOISE_LINES) is
+    dropped and actors' output stays in the session's log files; verbose shows Ray's logs at INFO
+    and forwards actors' output to the driver.
+    """
 
     def __init__(
         self,
@@ -210,17 +331,32 @@ class RayRunner:
         num_cpus: int | None = None,
         object_store_mb: int = 512,
         log: Callable[[str], None] = print,
+        verbose: bool = False,
     ):
+        self.log = log
+        self.stderr_filter = None if verbose else StderrFilter()
+        try:
+            self._start(address, num_cpus, object_store_mb, verbose)
+        except BaseException:
+            if self.stderr_filter is not None:
+                self.stderr_filter.close()
+            raise
+
+    def _start(self, address: str | None, num_cpus: int | None, object_store_mb: int, verbose):
         import ray
 
-        self.log = log
+        log = self.log
+        level = logging.INFO if verbose else logging.WARNING
+        for name in RAY_NOISE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
+        quiet_ray = {"log_to_driver": verbose, "logging_level": level}
         self.owns_ray = (
             not ray.is_initialized()
         )  # a Ray started here is stopped here, not a caller's
         if self.owns_ray:
             if address:
                 log(f"connecting to the Ray cluster at {address}")
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                ray.init(address=address, **quiet_ray)
             else:
                 # "local": a private Ray of this run's own, even when another Ray (a user's, a
                 # test's) runs on this machine, which plain ray.init() would try to join
@@ -230,13 +366,12 @@ class RayRunner:
                     num_cpus=num_cpus or os.cpu_count(),
                     object_store_memory=object_store_mb * 1024**2,
                     include_dashboard=False,
-                    log_to_driver=False,
-                    logging_level=logging.WARNING,
+                    **quiet_ray,
                 )
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        ctx.print_on_execution_start = verbose
+        logging.getLogger("ray.data").setLevel(level)
 
     def node_ids(self) -> list[str]:
         import ray
@@ -266,8 +401,13 @@ class RayRunner:
                     )
 
     def run(
-        self, units: dict[int, dict[str, np.ndarray]], stages: list[Stage]
+        self,
+        units: dict[int, dict[str, np.ndarray]],
+        stages: list[Stage],
+        progress: Callable[[int, float], None] | None = None,
     ) -> Iterator[UnitResult]:
+        """Units through the stages' actor pools, yielded as they finish. The stages run in the
+        actors, so `progress` (the in-process runner's) is not called: a caller counts units."""
         import ray
 
         if not units:
@@ -322,5 +462,10 @@ class RayRunner:
     def shutdown(self) -> None:
         import ray
 
-        if self.owns_ray and ray.is_initialized():
-            ray.shutdown()
+        try:
+            if self.owns_ray and ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if self.stderr_filter is not None:
+                self.stderr_filter.close()
+                self.stderr_filter = None

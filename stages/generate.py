@@ -61,16 +61,20 @@ class GenerateStage:
         self.sampler = Sampler(pipe)
         self.batch_size = batch_size
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray], progress=None) -> dict[str, np.ndarray]:
+        """progress, if given, is called with the images' worth of the shard generated so far (a
+        float: each UNet batch's images advance together, step by step)."""
         seeds, prompts = batch["seed"], [str(p) for p in batch["prompt"]]
-        images = []
+        images, done = [], 0
         for start in range(0, len(seeds), self.batch_size):
             part = slice(start, start + self.batch_size)
             for settings, rows in _by_settings(batch, part):
+                report = None if progress is None else _within(progress, done, len(rows))
                 image = self.sampler.generate(
-                    seeds[rows], [prompts[i] for i in rows], settings[0], settings[1]
+                    seeds[rows], [prompts[i] for i in rows], settings[0], settings[1], report
                 )
                 images.append((rows, image))
+                done += len(rows)
         image_out = np.zeros((len(seeds), *images[0][1].shape[1:]), np.uint8)
         for rows, image in images:
             image_out[rows] = image
@@ -119,3 +123,8 @@ def _by_settings(batch: dict[str, np.ndarray], part: slice) -> list[tuple[tuple,
         settings = (float(batch["guidance_scale"][i]), int(batch["num_inference_steps"][i]))
         groups.setdefault(settings, []).append(int(i))
     return [(k, np.asarray(v)) for k, v in groups.items()]
+
+
+def _within(progress, done: int, n: int):
+    """A UNet batch's progress (fraction of its n images' steps) as images done in the shard."""
+    return lambda fraction: progress(done + fraction * n)

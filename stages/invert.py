@@ -42,9 +42,15 @@ class InvertStage:
         pipe, _ = load_pipeline(ModelSpec(**model), with_hash=False)
         self.inverter = Inverter(pipe, InversionConfig(**solver))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray], progress=None) -> dict[str, np.ndarray]:
+        """progress, if given, is called with the images' worth of the unit done (a float: the
+        unit's images are solved together, so this is their count times the steps' fraction)."""
+        n = len(batch["key"])
         out = self.inverter.invert(
-            batch["image"], [str(p) for p in batch["prompt"]], [int(s) for s in batch["noise_seed"]]
+            batch["image"],
+            [str(p) for p in batch["prompt"]],
+            [int(s) for s in batch["noise_seed"]],
+            None if progress is None else lambda fraction: progress(fraction * n),
         )
         return {"key": batch["key"], **out}
 
