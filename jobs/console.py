@@ -8,8 +8,8 @@ the libraries' own output held back; `--quiet` and `--verbose` set how much.
 - verbose: also tailseed's debug lines (which unit ran on which node) and the libraries' logs
   at INFO (Ray's, with the actors' output forwarded to the driver; diffusers', transformers');
   the libraries' own progress bars stay off, so that they do not tear tailseed's.
-Bars are drawn only when stderr is a terminal (tqdm's `disable=None`): in a log file or CI, where
-a bar's carriage-return redraws would pile up, the per-unit log lines are the progress.
+Bars are drawn only when stderr is a terminal (as tqdm's `disable=None`): in a log file or CI,
+where a bar's carriage-return redraws would pile up, the per-unit log lines are the progress.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import logging
 import math
 import sys
+import threading
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 SUMMARY = 25  # a command's final summary line: between INFO and WARNING, so that --quiet keeps it
@@ -84,6 +85,13 @@ def log(message: str, level: int = logging.INFO, prefix: str = "[tailseed] ") ->
     sys.stdout.flush()
 
 
+def _stderr_is_terminal() -> bool:
+    """tqdm's `disable=None` test, made through the Ray runner's stderr filter if one is on."""
+    from pipeline.runner import StderrFilter
+
+    return StderrFilter.stderr_is_terminal()
+
+
 class StageBar:
     """A stage's progress in images, as a tqdm bar on stderr.
 
@@ -104,10 +112,21 @@ class StageBar:
             unit=unit,
             file=sys.stderr,
             dynamic_ncols=True,
-            disable=True if _verbosity == QUIET else None,
+            disable=_verbosity == QUIET or not _stderr_is_terminal(),
         )
         self.counted = initial  # whole images of finished units, plus those done before
         self.partial: dict[int, float] = {}  # unit -> images' worth done inside it
+        # a drawn bar redraws each second, so that its elapsed time runs while a long unit
+        # computes in an actor (on Ray the count moves only when a unit comes back)
+        self._closed = threading.Event()
+        self._ticker = None
+        if not self.bar.disable:
+            self._ticker = threading.Thread(target=self._tick, name="bar-ticker", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._closed.wait(1.0):
+            self.bar.refresh()
 
     @property
     def n(self) -> int:
@@ -136,6 +155,9 @@ class StageBar:
             self.bar.update(shown - self.bar.n)
 
     def close(self) -> None:
+        self._closed.set()
+        if self._ticker is not None:
+            self._ticker.join()
         self.bar.close()
 
     def __enter__(self) -> StageBar:

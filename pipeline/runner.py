@@ -291,10 +291,21 @@ class StderrFilter:
     """Filters what this process writes to file descriptor 2, C++ libraries included, through
     `NoiseLines`: fd 2 becomes a pipe that a thread drains into the original stderr."""
 
+    active: list[StderrFilter] = []  # installed and not yet closed, the latest last
+
+    @staticmethod
+    def stderr_is_terminal() -> bool:
+        """Whether stderr ends on a terminal, through a filter's pipe if one is installed (a
+        progress bar asks: the pipe itself is not a terminal)."""
+        if StderrFilter.active:
+            return os.isatty(StderrFilter.active[0].original)
+        return sys.stderr.isatty()
+
     def __init__(self, patterns: tuple[re.Pattern, ...] = RAY_NOISE_LINES):
         self.lines = NoiseLines(patterns)
         sys.stderr.flush()
         self.original = os.dup(2)
+        StderrFilter.active.append(self)
         read, write = os.pipe()
         os.dup2(write, 2)
         os.close(write)
@@ -311,6 +322,7 @@ class StderrFilter:
     def close(self, timeout_s: float = 2.0) -> None:
         """Restore fd 2 and write out what the pipe still holds."""
         sys.stderr.flush()
+        StderrFilter.active.remove(self)
         os.dup2(self.original, 2)  # closes this process's write end of the pipe
         self._thread.join(timeout_s)  # a child that kept the pipe open must not hang the exit
         if not self._thread.is_alive():

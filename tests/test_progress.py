@@ -317,3 +317,26 @@ def test_stderr_filter_filters_file_descriptor_2(capfd):
     assert (
         capfd.readouterr().err == "before\nTraceback (most recent call last):\n\rafter, no newline"
     )
+
+
+def test_a_bar_sees_the_terminal_through_the_filter():
+    """Under the Ray runner's filter fd 2 is a pipe; a bar must still be drawn on a terminal."""
+    import pty
+
+    master, slave = pty.openpty()
+    saved = os.dup(2)
+    os.dup2(slave, 2)
+    try:
+        filtered = StderrFilter()
+        try:
+            assert not os.isatty(2) and StderrFilter.stderr_is_terminal()
+            console.configure(None)
+            with console.StageBar("invert", total=1) as bar:
+                assert not bar.bar.disable
+        finally:
+            filtered.close()
+    finally:
+        os.dup2(saved, 2)
+        for fd in (saved, slave, master):
+            os.close(fd)
+    assert not StderrFilter.active
