@@ -622,7 +622,13 @@ def main_args(args) -> int:
     if args.ray_address.startswith("http"):
         from jobs.submit import submit
 
-        return submit(args.config, args.overrides, args.ray_address, dry_run=args.dry_run)
+        return submit(
+            args.config,
+            args.overrides,
+            args.ray_address,
+            dry_run=args.dry_run,
+            verbosity=getattr(args, "verbosity", None),
+        )
     run(config, address=args.ray_address or None, dry_run=args.dry_run)
     return 0
 

@@ -12,6 +12,7 @@ import shlex
 import time
 from pathlib import Path
 
+from jobs.console import QUIET, VERBOSE
 from pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,13 +28,16 @@ EXCLUDES = [
 ]
 
 
-def entrypoint(config: Path, overrides: list[str], dry_run: bool) -> str:
+def entrypoint(
+    config: Path, overrides: list[str], dry_run: bool, verbosity: int | None = None
+) -> str:
     rel = config.resolve().relative_to(REPO) if config.resolve().is_relative_to(REPO) else config
     args = ["python", "-m", "jobs.augment", "--config", str(rel)]
     for item in overrides:
         args += ["--set", item]
     if dry_run:
         args.append("--dry-run")
+    args += {QUIET: ["--quiet"], VERBOSE: ["--verbose"]}.get(verbosity, [])
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -76,7 +80,13 @@ def check_cluster_paths(cfg, dry_run: bool) -> None:
         )
 
 
-def submit(config: Path, overrides: list[str], address: str, dry_run: bool = False) -> int:
+def submit(
+    config: Path,
+    overrides: list[str],
+    address: str,
+    dry_run: bool = False,
+    verbosity: int | None = None,
+) -> int:
     """Submit, stream the job's log here, and return 0 if the job succeeded."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -101,7 +111,9 @@ def submit(config: Path, overrides: list[str], address: str, dry_run: bool = Fal
     }
     if cfg.ray.runtime_pip:
         runtime_env["pip"] = list(cfg.ray.runtime_pip)
-    job_id = _submit_with_retry(client, entrypoint(config, overrides, dry_run), runtime_env)
+    job_id = _submit_with_retry(
+        client, entrypoint(config, overrides, dry_run, verbosity), runtime_env
+    )
     print(f"[tailseed] submitted job {job_id} to {address}", flush=True)
 
     async def stream() -> None:

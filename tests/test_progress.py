@@ -340,3 +340,12 @@ def test_a_bar_sees_the_terminal_through_the_filter():
         for fd in (saved, slave, master):
             os.close(fd)
     assert not StderrFilter.active
+
+
+def test_a_submitted_job_runs_with_the_same_verbosity():
+    from jobs.submit import entrypoint
+
+    config = REPO / "configs" / "default.yaml"
+    assert entrypoint(config, [], False).endswith("--config configs/default.yaml")
+    assert entrypoint(config, [], False, console.QUIET).endswith(" --quiet")
+    assert entrypoint(config, ["a=1"], True, console.VERBOSE).endswith("--dry-run --verbose")
