@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import threading
 
@@ -81,15 +82,31 @@ def log(message: str, level: int = logging.INFO, prefix: str = "[tailseed] ") ->
         return
     from tqdm import tqdm
 
-    tqdm.write(f"{prefix}{message}", file=sys.stdout)
-    sys.stdout.flush()
+    with tqdm.get_lock():  # the bars are cleared, the line written, the bars drawn again
+        for bar in _drawn:
+            bar.bar.clear(nolock=True)
+        sys.stdout.write(f"{prefix}{message}\n")
+        sys.stdout.flush()
+        for bar in _drawn:
+            bar.bar.refresh(nolock=True)
 
 
-def _stderr_is_terminal() -> bool:
-    """tqdm's `disable=None` test, made through the Ray runner's stderr filter if one is on."""
+_drawn: list[StageBar] = []  # the bars on the terminal now
+
+
+def _bar_stream():
+    """(stream, owned): where a bar is drawn, or None when not on a terminal (tqdm's
+    `disable=None` test). Under the Ray runner's stderr filter a bar writes to the terminal
+    directly, on a copy of the filter's original stderr: through the filter's pipe it would
+    arrive late, after a log line written to stdout meanwhile."""
     from pipeline.runner import StderrFilter
 
-    return StderrFilter.stderr_is_terminal()
+    if not StderrFilter.stderr_is_terminal():
+        return None, False
+    if not StderrFilter.active:
+        return sys.stderr, False
+    fd = os.dup(StderrFilter.active[0].original)
+    return os.fdopen(fd, "w", encoding=sys.stderr.encoding or "utf-8", errors="replace"), True
 
 
 class StageBar:
@@ -98,29 +115,33 @@ class StageBar:
     Inside a unit the images are computed together as one batch, step by step, so `within`
     reports the images' worth of the unit done so far (its images times the fraction of steps
     done); the bar shows whole images, and a unit's images are all counted once it finishes
-    (`finished`). Off when quiet, and when stderr is not a terminal.
+    (`finished`). Off when quiet, and when stderr is not a terminal. `within` may come from
+    another thread (the Ray runner's progress reader).
     """
 
     def __init__(self, stage: str, total: int, initial: int = 0, unit: str = "img"):
         from tqdm import tqdm
 
         self.stage = stage
+        self.stream, self._owned = (None, False) if _verbosity == QUIET else _bar_stream()
         self.bar = tqdm(
             total=total,
             initial=initial,
             desc=stage,
             unit=unit,
-            file=sys.stderr,
+            file=self.stream or sys.stderr,
             dynamic_ncols=True,
-            disable=_verbosity == QUIET or not _stderr_is_terminal(),
+            disable=self.stream is None,
         )
         self.counted = initial  # whole images of finished units, plus those done before
         self.partial: dict[int, float] = {}  # unit -> images' worth done inside it
-        # a drawn bar redraws each second, so that its elapsed time runs while a long unit
-        # computes in an actor (on Ray the count moves only when a unit comes back)
+        self.done_units: set[int] = set()
+        self._lock = threading.Lock()  # on Ray, `within` comes from the runner's thread
+        # a drawn bar redraws each second, so that its elapsed time runs between two images
         self._closed = threading.Event()
         self._ticker = None
         if not self.bar.disable:
+            _drawn.append(self)
             self._ticker = threading.Thread(target=self._tick, name="bar-ticker", daemon=True)
             self._ticker.start()
 
@@ -134,9 +155,12 @@ class StageBar:
         return math.floor(self.counted + sum(self.partial.values()) + 1e-6)
 
     def within(self, unit: int, done: float) -> None:
-        """The images' worth of `unit` done so far (the in-process runner's progress callback)."""
-        self.partial[unit] = done
-        self._show()
+        """The images' worth of `unit` done so far (the runner's progress callback); a report
+        that arrives after the unit finished is ignored."""
+        with self._lock:
+            if unit not in self.done_units:
+                self.partial[unit] = max(done, self.partial.get(unit, 0.0))
+                self._show()
 
     def batch(self, unit: int, images: int):
         """A callback for a batch of `images` images that reports the fraction of its steps
@@ -145,9 +169,11 @@ class StageBar:
 
     def finished(self, unit: int, images: int) -> None:
         """`unit`, of `images` images, is done."""
-        self.partial.pop(unit, None)
-        self.counted += images
-        self._show()
+        with self._lock:
+            self.done_units.add(unit)
+            self.partial.pop(unit, None)
+            self.counted += images
+            self._show()
 
     def _show(self) -> None:
         shown = self.n
@@ -158,7 +184,11 @@ class StageBar:
         self._closed.set()
         if self._ticker is not None:
             self._ticker.join()
+        if self in _drawn:
+            _drawn.remove(self)
         self.bar.close()
+        if self._owned:
+            self.stream.close()
 
     def __enter__(self) -> StageBar:
         return self

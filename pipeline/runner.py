@@ -8,8 +8,10 @@ packed with `numpy.savez` (no pickle), so a unit is computed the same way on eve
 `LocalRunner` runs the same stages in-process (tests, benchmarks' floor).
 
 Progress: a stage whose `__call__` takes a `progress` keyword reports the images' worth of its
-unit done so far through it. In-process, `run(..., progress=fn)` passes `fn(unit, images done)`
-on; on Ray the stages run in actors, and the caller counts units as they come back.
+unit done so far through it; `run(..., progress=fn)` passes `fn(unit, images done)` on. In
+process it is called directly; on Ray the actors report to a small progress actor
+(`_ProgressSink`) that a driver thread reads twice a second, so the calls come late by up to
+that, from another thread. A unit's result, when it comes back, is its final count.
 """
 
 from __future__ import annotations
@@ -114,12 +116,13 @@ def _threads_for(num_cpus: float) -> int:
 class _UnitAdapter:
     """Runs one stage on whole units inside a Ray actor (or in-process)."""
 
-    def __init__(self, stage_cls: type, stage_kwargs: dict, threads: int):
+    def __init__(self, stage_cls: type, stage_kwargs: dict, threads: int, sink=None):
         self.threads = threads
         self._set_threads()
         self.stage = stage_cls(**stage_kwargs)
         self.node_id = _node_id()
         self.reports_progress = "progress" in inspect.signature(self.stage.__call__).parameters
+        self.sink = sink  # on Ray: the driver's _ProgressSink, when the driver wants progress
 
     def _set_threads(self) -> None:
         """A fractional CPU reservation is bookkeeping only: bound torch's threads to it. Set per
@@ -135,6 +138,8 @@ class _UnitAdapter:
         """Runs the stage on each unit of `rows`; progress(unit, images done), when given, is
         passed on to a stage that reports progress."""
         self._set_threads()
+        if progress is None and self.sink is not None:
+            progress = _Reporter(self.sink)
         out_units, out_payloads, seconds, nodes = [], [], [], []
         earlier_nodes = rows.get("node_id", [""] * len(rows["unit"]))
         earlier_seconds = rows.get("seconds", [0.0] * len(rows["unit"]))
@@ -156,6 +161,34 @@ class _UnitAdapter:
             "node_id": np.asarray(nodes),
             "seconds": np.asarray(seconds, dtype=np.float64),
         }
+
+
+class _ProgressSink:
+    """A Ray actor that holds the latest progress of each unit until the driver takes it."""
+
+    def __init__(self):
+        self.latest: dict[int, float] = {}
+
+    def report(self, unit: int, done: float) -> None:
+        self.latest[unit] = max(done, self.latest.get(unit, 0.0))
+
+    def take(self) -> dict[int, float]:
+        latest, self.latest = self.latest, {}
+        return latest
+
+
+class _Reporter:
+    """progress(unit, done) inside an actor: sent to the sink (not waited for) when the whole
+    images done change, so a unit costs at most one small message per image."""
+
+    def __init__(self, sink):
+        self.sink, self.sent = sink, {}
+
+    def __call__(self, unit: int, done: float) -> None:
+        whole = math.floor(done + 1e-6)
+        if whole > self.sent.get(unit, 0):
+            self.sent[unit] = whole
+            self.sink.report.remote(unit, done)
 
 
 def _for_unit(progress: Callable[[int, float], None], unit: int) -> Callable[[float], None]:
@@ -418,14 +451,18 @@ class RayRunner:
         stages: list[Stage],
         progress: Callable[[int, float], None] | None = None,
     ) -> Iterator[UnitResult]:
-        """Units through the stages' actor pools, yielded as they finish. The stages run in the
-        actors, so `progress` (the in-process runner's) is not called: a caller counts units."""
+        """Units through the stages' actor pools, yielded as they finish. progress(unit, images
+        done), when given, is called from a driver thread with what the actors reported (see the
+        module docstring), up to half a second late."""
         import ray
 
         if not units:
             return
         self.check_resources(stages)
         free_before = self._free()
+        sink = watcher = None
+        if progress is not None:
+            sink, watcher = self._watch_progress(progress)
         items = [{"unit": u, "payload": pack(units[u])} for u in sorted(units)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         for stage in stages:
@@ -436,6 +473,7 @@ class RayRunner:
                     "stage_cls": stage.cls,
                     "stage_kwargs": stage.kwargs,
                     "threads": _threads_for(r.num_cpus),
+                    "sink": sink,
                 },
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=r.num_actors),
@@ -443,14 +481,50 @@ class RayRunner:
                 num_gpus=r.num_gpus,
                 **({"resources": dict(r.custom)} if r.custom else {}),
             )
-        for row in ds.iter_rows():
-            yield UnitResult(
-                int(row["unit"]),
-                unpack(bytes(row["payload"])),
-                str(row["node_id"]),
-                float(row["seconds"]),
-            )
+        try:
+            for row in ds.iter_rows():
+                yield UnitResult(
+                    int(row["unit"]),
+                    unpack(bytes(row["payload"])),
+                    str(row["node_id"]),
+                    float(row["seconds"]),
+                )
+        finally:
+            if watcher is not None:
+                watcher.set()
+                ray.kill(sink)
         self._await_release(free_before)
+
+    @staticmethod
+    def _watch_progress(progress: Callable[[int, float], None], every_s: float = 0.5):
+        """A progress actor on the driver's node (no CPU), and a driver thread that passes what
+        it holds to `progress` every `every_s` seconds; returns the actor and the thread's stop
+        event. Progress is best effort: a lost actor ends the reports, not the run."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        sink = (
+            ray.remote(_ProgressSink)
+            .options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)
+            )
+            .remote()
+        )
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(every_s):
+                try:
+                    latest = ray.get(sink.take.remote(), timeout=10)
+                except Exception:  # noqa: BLE001 - best effort, see above
+                    return
+                if not stop.is_set():
+                    for unit, done in sorted(latest.items()):
+                        progress(unit, done)
+
+        threading.Thread(target=poll, name="ray-progress", daemon=True).start()
+        return sink, stop
 
     @staticmethod
     def _free() -> dict[str, float]:

@@ -119,9 +119,12 @@ def test_runner_keeps_model_free_stages_small_and_frees_each_pool(ray_session):
 
             return {"torch_loaded": np.asarray(["torch" in sys.modules])}
 
-    runner = RayRunner()  # joins the test session's Ray
+    runner = RayRunner()  # joins the test session's Ray (and filters stderr until shut down)
     stage = Stage("probe", Probe, {}, Resources(num_actors=2, num_cpus=0.5))
-    results = list(runner.run({0: {"x": np.zeros(1)}, 1: {"x": np.ones(1)}}, [stage]))
+    try:
+        results = list(runner.run({0: {"x": np.zeros(1)}, 1: {"x": np.ones(1)}}, [stage]))
+    finally:
+        runner.shutdown()  # leaves the session's Ray running: this runner did not start it
     assert [bool(r.batch["torch_loaded"][0]) for r in results] == [False, False]
     free = ray_session.available_resources().get("CPU", 0.0)
     assert free == ray_session.cluster_resources()["CPU"]

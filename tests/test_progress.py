@@ -349,3 +349,21 @@ def test_a_submitted_job_runs_with_the_same_verbosity():
     assert entrypoint(config, [], False).endswith("--config configs/default.yaml")
     assert entrypoint(config, [], False, console.QUIET).endswith(" --quiet")
     assert entrypoint(config, ["a=1"], True, console.VERBOSE).endswith("--dry-run --verbose")
+
+
+@pytest.mark.slow
+def test_actors_report_progress_to_the_drivers_sink(ray_session, tiny_model_dir):
+    """The adapter as an actor runs it, with a real progress actor: the sink holds the unit's
+    latest count, its final one (calls from one caller to an actor run in order)."""
+    from pipeline.models import ModelSpec
+    from pipeline.runner import _ProgressSink, _UnitAdapter, pack
+
+    config = InvertConfig(solver=FAST, batch_size=3)
+    sources = [(f"k{i}", image, "a photo of the digit four") for i, image in enumerate(_images(3))]
+    unit = InvertStage.units(sources, config, "salt")[0]
+    spec = InvertStage.spec(ModelSpec(path=str(tiny_model_dir)), config)
+    sink = ray_session.remote(_ProgressSink).options(num_cpus=0).remote()
+    adapter = _UnitAdapter(spec.cls, spec.kwargs, 1, sink=sink)
+    adapter({"unit": np.asarray([7]), "payload": np.asarray([pack(unit)], dtype=object)})
+    assert ray_session.get(sink.take.remote()) == {7: pytest.approx(3.0)}
+    assert ray_session.get(sink.take.remote()) == {}  # taken
