@@ -6,14 +6,14 @@ import argparse
 import importlib
 import sys
 
-from jobs import console
+from tailseed.jobs import console
 
 # subcommand -> module that defines `add_parser(subparsers)`; each sets `func` on its parser.
 SUBCOMMANDS = {
-    "augment": "jobs.augment",
-    "invert": "jobs.seed_commands",
-    "generate": "jobs.seed_commands",
-    "inspect": "jobs.inspect_output",
+    "augment": "tailseed.jobs.augment",
+    "invert": "tailseed.jobs.seed_commands",
+    "generate": "tailseed.jobs.seed_commands",
+    "inspect": "tailseed.jobs.inspect_output",
 }
 
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.exits import guarded
+    from tailseed.jobs.exits import guarded
 
     args = build_parser().parse_args(argv)
     console.configure(args.verbosity)

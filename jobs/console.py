@@ -99,7 +99,7 @@ def _bar_stream():
     `disable=None` test). Under the Ray runner's stderr filter a bar writes to the terminal
     directly, on a copy of the filter's original stderr: through the filter's pipe it would
     arrive late, after a log line written to stdout meanwhile."""
-    from pipeline.runner import StderrFilter
+    from tailseed.pipeline.runner import StderrFilter
 
     if not StderrFilter.stderr_is_terminal():
         return None, False

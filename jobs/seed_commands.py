@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs import console
-from pipeline.errors import UserError
+from tailseed.jobs import console
+from tailseed.pipeline.errors import UserError
 
 DEFAULT_MODEL = "models/tiny-digits"
 
@@ -20,7 +20,7 @@ def _solver_flags(parser) -> None:
     import dataclasses
     import typing
 
-    from pipeline.inversion import SOLVERS, InversionConfig
+    from tailseed.pipeline.inversion import SOLVERS, InversionConfig
 
     hints = typing.get_type_hints(InversionConfig)
     for f in dataclasses.fields(InversionConfig):
@@ -85,7 +85,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
     stderr when it was cropped or resized. An unusable file is a UserError naming it."""
     from PIL import Image
 
-    from pipeline.images import SkipSample, decode_image
+    from tailseed.pipeline.images import SkipSample, decode_image
 
     try:
         data = path.read_bytes()
@@ -118,9 +118,9 @@ def _class_of(args, card: dict) -> tuple[int | None, str | None]:
 
 
 def run_invert(args) -> int:
-    from pipeline.inversion import InversionConfig, Inverter
-    from pipeline.models import ModelSpec, load_pipeline
-    from pipeline.seed_table import make_key, noise_seed, seed_row, write_seeds
+    from tailseed.pipeline.inversion import InversionConfig, Inverter
+    from tailseed.pipeline.models import ModelSpec, load_pipeline
+    from tailseed.pipeline.seed_table import make_key, noise_seed, seed_row, write_seeds
 
     if args.out.is_dir():
         raise UserError(f"--out {args.out}: is a folder; name the seeds Parquet file to write")
@@ -200,9 +200,9 @@ def run_invert(args) -> int:
 def run_generate(args) -> int:
     from PIL import Image
 
-    from pipeline.inversion import Sampler
-    from pipeline.models import ModelSpec, load_pipeline
-    from pipeline.seed_table import read_seeds
+    from tailseed.pipeline.inversion import Sampler
+    from tailseed.pipeline.models import ModelSpec, load_pipeline
+    from tailseed.pipeline.seed_table import read_seeds
 
     if not args.seeds.is_file():
         raise UserError(f"seeds file {args.seeds}: no such file")

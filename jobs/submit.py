@@ -12,8 +12,8 @@ import shlex
 import time
 from pathlib import Path
 
-from jobs.console import QUIET, VERBOSE
-from pipeline.errors import UserError
+from tailseed.jobs.console import QUIET, VERBOSE
+from tailseed.pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 EXCLUDES = [
@@ -32,7 +32,7 @@ def entrypoint(
     config: Path, overrides: list[str], dry_run: bool, verbosity: int | None = None
 ) -> str:
     rel = config.resolve().relative_to(REPO) if config.resolve().is_relative_to(REPO) else config
-    args = ["python", "-m", "jobs.augment", "--config", str(rel)]
+    args = ["python", "-m", "tailseed.jobs.augment", "--config", str(rel)]
     for item in overrides:
         args += ["--set", item]
     if dry_run:
@@ -90,7 +90,7 @@ def submit(
     """Submit, stream the job's log here, and return 0 if the job succeeded."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from stages.augment_pipeline import load_config
+    from tailseed.stages.augment_pipeline import load_config
 
     cfg = load_config(config, overrides)
     if not config.resolve().is_relative_to(REPO):

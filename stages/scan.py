@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.datasets import Listing, list_dataset
-from pipeline.errors import UserError
+from tailseed.pipeline.datasets import Listing, list_dataset
+from tailseed.pipeline.errors import UserError
 
 EMBEDDED = "embedded-digits"
 
@@ -28,7 +28,7 @@ class ScanConfig:
 def scan(config: ScanConfig) -> Listing:
     """The dataset's classes, images per class and what was skipped while listing."""
     if "{" in config.path:  # a brace pattern of tar files
-        from pipeline.datasets import expand_pattern, list_webdataset
+        from tailseed.pipeline.datasets import expand_pattern, list_webdataset
 
         return list_webdataset(expand_pattern(config.path), config.label_key)
     path = Path(config.path)

@@ -14,12 +14,12 @@ import pytest
 from augment_helpers import shard_files, write_config
 from PIL import Image
 
-from jobs import cli, console
-from jobs.augment import run
-from pipeline.inversion import InversionConfig, Inverter, Sampler, adjustment_steps
-from pipeline.runner import LocalRunner, NoiseLines, StderrFilter
-from stages.augment_pipeline import load_config
-from stages.invert import InvertConfig, InvertStage
+from tailseed.jobs import cli, console
+from tailseed.jobs.augment import run
+from tailseed.pipeline.inversion import InversionConfig, Inverter, Sampler, adjustment_steps
+from tailseed.pipeline.runner import LocalRunner, NoiseLines, StderrFilter
+from tailseed.stages.augment_pipeline import load_config
+from tailseed.stages.invert import InvertConfig, InvertStage
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = InversionConfig(num_inference_steps=4, max_iters=3, guidance_scale=2.0)
@@ -76,7 +76,7 @@ def test_local_runner_passes_progress_per_unit(tiny_model_dir):
     config = InvertConfig(solver=FAST, batch_size=3)
     sources = [(f"k{i}", image, "a photo of the digit four") for i, image in enumerate(_images(5))]
     units = InvertStage.units(sources, config, "salt")
-    from pipeline.models import ModelSpec
+    from tailseed.pipeline.models import ModelSpec
 
     spec = InvertStage.spec(ModelSpec(path=str(tiny_model_dir)), config)
     calls: list[tuple[int, float]] = []
@@ -141,7 +141,7 @@ def test_augment_in_process_advances_per_image(tmp_path, tiny_model_dir, small_d
 
 def _augment(config: Path, *flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "jobs.augment", "--config", str(config), *flags],
+        [sys.executable, "-m", "tailseed.jobs.augment", "--config", str(config), *flags],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -232,7 +232,9 @@ def test_default_run_keeps_its_lines_and_quiet_drops_them(reference_run, tmp_pat
 @pytest.fixture
 def main(monkeypatch):
     monkeypatch.setattr(
-        cli, "SUBCOMMANDS", {"invert": "jobs.seed_commands", "generate": "jobs.seed_commands"}
+        cli,
+        "SUBCOMMANDS",
+        {"invert": "tailseed.jobs.seed_commands", "generate": "tailseed.jobs.seed_commands"},
     )
     yield cli.main
     console.configure(None)
@@ -258,7 +260,7 @@ def test_invert_and_generate_show_progress_per_image(main, tmp_path, tiny_model_
 
 
 def test_quiet_and_verbose_are_global_and_per_command_flags(monkeypatch):
-    monkeypatch.setattr(cli, "SUBCOMMANDS", {"augment": "jobs.augment"})
+    monkeypatch.setattr(cli, "SUBCOMMANDS", {"augment": "tailseed.jobs.augment"})
     parser = cli.build_parser()
     assert parser.parse_args(["augment"]).verbosity is None
     assert parser.parse_args(["--quiet", "augment"]).verbosity == console.QUIET
@@ -343,7 +345,7 @@ def test_a_bar_sees_the_terminal_through_the_filter():
 
 
 def test_a_submitted_job_runs_with_the_same_verbosity():
-    from jobs.submit import entrypoint
+    from tailseed.jobs.submit import entrypoint
 
     config = REPO / "configs" / "default.yaml"
     assert entrypoint(config, [], False).endswith("--config configs/default.yaml")
@@ -355,8 +357,8 @@ def test_a_submitted_job_runs_with_the_same_verbosity():
 def test_actors_report_progress_to_the_drivers_sink(ray_session, tiny_model_dir):
     """The adapter as an actor runs it, with a real progress actor: the sink holds the unit's
     latest count, its final one (calls from one caller to an actor run in order)."""
-    from pipeline.models import ModelSpec
-    from pipeline.runner import _ProgressSink, _UnitAdapter, pack
+    from tailseed.pipeline.models import ModelSpec
+    from tailseed.pipeline.runner import _ProgressSink, _UnitAdapter, pack
 
     config = InvertConfig(solver=FAST, batch_size=3)
     sources = [(f"k{i}", image, "a photo of the digit four") for i, image in enumerate(_images(3))]

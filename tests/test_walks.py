@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import UserError
-from pipeline.walks import MARGIN, WalkSeed, sample_walks
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.walks import MARGIN, WalkSeed, sample_walks
 
 SHAPE = (4, 8, 8)
 
@@ -143,7 +143,7 @@ def test_duplicate_seeds_are_not_walked_between():
 
 
 def test_seed_perturbation_moves_seeds_by_the_angle_and_is_reproducible():
-    from stages.walk import perturbed
+    from tailseed.stages.walk import perturbed
 
     z = np.random.default_rng(0).standard_normal((4, 8, 8)).astype(np.float32)
     assert perturbed(z, "k", 0.0) is z
