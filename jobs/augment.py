@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.cli import add_augment
 from jobs.exits import guarded
 from pipeline.config import to_dict
 from pipeline.datasets import Listing
@@ -45,7 +46,7 @@ from stages.filter import prepare as prepare_filter
 from stages.generate import GenerateStage
 from stages.invert import InvertStage, class_health, seed_rows
 from stages.scan import EMBEDDED, scan
-from stages.select import ClassPlan, select
+from stages.select import ClassPlan, prompt_for, select
 from stages.walk import make_walks, shard_slots
 
 
@@ -415,6 +416,13 @@ def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False
     log(f"config {config.name} (hash {plan.config_hash}), model {config.model.path}, output {out}")
     for line in describe_plan(plan):
         log(line)
+    if plan.listing.integer_labels() and not config.dataset.class_names:
+        example = prompt_for(next(iter(plan.classes.values())), config.select)
+        log(
+            f"note: the dataset's labels are integers and dataset.class_names is not set, so "
+            f"prompts use the raw labels ({example!r}); name the classes with "
+            f"dataset.class_names (a mapping or a file) for prompts the model understands"
+        )
     check_paths(config, out)
     if not plan.counts or not sum(plan.counts.values()):
         raise UserError(
@@ -579,28 +587,6 @@ def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: 
     return report
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "augment", help="augment the rare classes of a dataset (see configs/)"
-    )
-    p.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set select.quota=60 (repeatable)",
-    )
-    p.add_argument(
-        "--dry-run", action="store_true", help="print the plan and estimated cost, then stop"
-    )
-    p.add_argument(
-        "--ray-address", default="", help="a Ray cluster: http://HOST:8265 submits a Ray job"
-    )
-    p.set_defaults(func=main_args)
-
-
 def main_args(args) -> int:
     config = load_config(args.config, args.overrides)
     if args.ray_address.startswith("http"):
@@ -616,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m jobs.augment", description=__doc__.splitlines()[0]
     )
     sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
+    add_augment(sub)
     args = parser.parse_args(["augment", *(argv if argv is not None else sys.argv[1:])])
     return guarded("augment", main_args, args)
 

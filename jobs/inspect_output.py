@@ -74,7 +74,6 @@ def summarize(out: Path) -> list[str]:
     return lines
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("inspect", help="summarise an augment output folder")
-    p.add_argument("out", type=Path)
-    p.set_defaults(func=lambda args: print("\n".join(summarize(args.out))) or 0)
+def main_args(args) -> int:
+    print("\n".join(summarize(args.out)))
+    return 0

@@ -10,68 +10,6 @@ import numpy as np
 
 from pipeline.errors import UserError
 
-DEFAULT_MODEL = "models/tiny-digits"
-
-
-def _solver_flags(parser) -> None:
-    """One flag per InversionConfig field, with its default and help: the solver's settings are
-    the command line's, so a new one needs no change here."""
-    import dataclasses
-    import typing
-
-    from pipeline.inversion import SOLVERS, InversionConfig
-
-    hints = typing.get_type_hints(InversionConfig)
-    for f in dataclasses.fields(InversionConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = {"type": hints[f.name], "default": f.default}
-        if f.name == "method":
-            kwargs["choices"] = list(SOLVERS)
-        if f.name == "num_inference_steps":
-            flag = ("--steps", flag)
-        help_text = f.metadata.get("help", "")
-        parser.add_argument(
-            *(flag if isinstance(flag, tuple) else (flag,)),
-            dest=f.name,
-            help=f"{help_text} (default: %(default)s)",
-            **kwargs,
-        )
-
-
-def add_parser(subparsers) -> None:
-    """Register the `invert` and `generate` subcommands."""
-    inv = subparsers.add_parser(
-        "invert",
-        help="invert images into noise seeds (a seeds Parquet file)",
-        description="Invert images into noise seeds with fixed-point inversion, with the same "
-        "defaults as `tailseed augment` (configs/default.yaml). Each image's key is its file "
-        "stem with characters outside [A-Za-z0-9_-] replaced by '_'.",
-    )
-    inv.add_argument("images", nargs="+", metavar="IMAGE", help="image files (RGB, square)")
-    inv.add_argument("--model", default=DEFAULT_MODEL, help="diffusers folder or hub id")
-    inv.add_argument("--prompt", required=True, help="the prompt that describes the images")
-    inv.add_argument("--out", required=True, type=Path, help="seeds Parquet file to write")
-    inv.add_argument("--class-index", type=int, default=None, help="class index of the images")
-    inv.add_argument("--class-name", default=None, help="class name (default: from the card)")
-    _solver_flags(inv)
-    inv.add_argument("--noise-seed", type=int, default=0, help="base seed of the adjustment noise")
-    inv.add_argument("--batch-size", type=int, default=16, help="images per inversion batch")
-    inv.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
-    inv.set_defaults(func=run_invert)
-
-    gen = subparsers.add_parser(
-        "generate",
-        help="generate images from a seeds (or walks) Parquet file",
-        description="Regenerate DIR/<key>.png from each row's seed, prompt, guidance and steps.",
-    )
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="diffusers folder or hub id")
-    gen.add_argument("--seeds", required=True, type=Path, help="seeds or walks Parquet file")
-    gen.add_argument("--out", required=True, type=Path, help="folder for <key>.png")
-    gen.add_argument("--batch-size", type=int, default=16)
-    gen.add_argument("--device", default="auto")
-    gen.set_defaults(func=run_generate)
-
-
 # ----------------------------------------------------------------------------------------------
 # invert
 
