@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.cli import add_augment
+from jobs.cli import add_augment, default_config
 from jobs.exits import guarded
 from pipeline.config import to_dict
 from pipeline.datasets import Listing
@@ -588,11 +588,12 @@ def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: 
 
 
 def main_args(args) -> int:
-    config = load_config(args.config, args.overrides)
+    path = args.config or default_config()
+    config = load_config(path, args.overrides)
     if args.ray_address.startswith("http"):
         from jobs.submit import submit
 
-        return submit(args.config, args.overrides, args.ray_address, dry_run=args.dry_run)
+        return submit(path, args.overrides, args.ray_address, dry_run=args.dry_run)
     run(config, address=args.ray_address or None, dry_run=args.dry_run)
     return 0
 

@@ -14,8 +14,16 @@ import sys
 import typing
 from pathlib import Path
 
+# The checkout's root, or the installed package's folder: both hold configs/ and models/.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = Path("configs/default.yaml")
 DEFAULT_MODEL = "models/tiny-digits"
+
+
+def default_config() -> Path:
+    """configs/default.yaml of the working directory (a checkout), else the one installed with
+    tailseed (the embedded digits run)."""
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else PACKAGE_ROOT / DEFAULT_CONFIG
 
 
 def _version() -> str:
@@ -43,11 +51,10 @@ def add_augment(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         type=Path,
-        default=DEFAULT_CONFIG,
-        help=_defaults(
-            "the YAML config; relative paths in it are looked up beside it first (the default "
-            "is the embedded digits run; see configs/ for Stable Diffusion)"
-        ),
+        default=None,
+        help="the YAML config; relative input paths in it are looked up beside it first "
+        "(default: configs/default.yaml here, else the one installed with tailseed: the "
+        "embedded digits run; configs/ has Stable Diffusion ones)",
     )
     p.add_argument(
         "--set",

@@ -108,3 +108,13 @@ def test_a_missing_local_model_folder_is_not_sent_to_the_hub(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "no such folder" in err and "huggingface-cli" not in err
+
+
+def test_without_a_configs_folder_the_default_config_is_the_installed_one(tmp_path, monkeypatch):
+    from jobs.cli import PACKAGE_ROOT, default_config
+
+    monkeypatch.chdir(tmp_path)
+    assert default_config() == PACKAGE_ROOT / "configs" / "default.yaml"
+    assert default_config().is_file()
+    monkeypatch.chdir(REPO)
+    assert default_config() == Path("configs/default.yaml")
