@@ -25,7 +25,8 @@ def _type_name(tp: Any) -> str:
 class CommandLineValue:
     """A `--set` value that YAML read as something other than a string, with the text typed: a
     string field takes the text as typed (`--set name=2024`, `--set model.revision=0123456`, which
-    YAML would read as the octal number 42798), any other field the parsed value."""
+    YAML would read as the octal number 42798, `--set dataset.materialize=` the empty string),
+    any other field the parsed value."""
 
     value: Any
     text: str
@@ -37,8 +38,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if isinstance(value, CommandLineValue):
         if tp is str:
             return value.text
-        if origin not in (typing.Union, types.UnionType):  # a union tries each type with it
-            value = value.value
+        union = origin in (typing.Union, types.UnionType)
+        if not union or (value.value is None and type(None) in typing.get_args(tp)):
+            value = value.value  # a union tries each of its types with the text kept
     args = typing.get_args(tp)
     if tp is Any:
         return value
@@ -143,7 +145,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 f"--set {item!r}: the value is not valid YAML ({first}); quote it, e.g. "
                 f"--set '{key}=\"{raw}\"'"
             ) from exc
-        scalar = value is not None and not isinstance(value, str | list | dict)
+        scalar = not isinstance(value, str | list | dict)  # `key=` (empty) is None to YAML
         node[parts[-1]] = CommandLineValue(value, raw.strip()) if scalar else value
     return data
 

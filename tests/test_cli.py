@@ -118,3 +118,9 @@ def test_without_a_configs_folder_the_default_config_is_the_installed_one(tmp_pa
     assert default_config().is_file()
     monkeypatch.chdir(REPO)
     assert default_config() == Path("configs/default.yaml")
+
+
+def test_an_empty_set_value_clears_a_string_and_unsets_an_optional():
+    config = load_config(DEFAULT, ["dataset.materialize=", "generate.guidance_scale="])
+    assert config.dataset.materialize == ""
+    assert config.generate.guidance_scale == config.invert.solver.guidance_scale  # follows
