@@ -15,6 +15,11 @@ Plan, for every method:
    of all N seeds and of random distinct subsets of about half of them, and points on the NAO legs
    from each seed of a subset to its centroid; the rest to NAO paths between pairs. Paths keep the
    pairwise variety; centroids are more generic images of the class (SeedSelect #12).
+
+`plan_walks` makes every random draw of these steps and keeps only what grows with N (pairs,
+subsets, each leg's count) and the generator states where the positions start; `WalkPlan.seeds`
+computes any range of the K seeds from it, replaying the positions with PCG64's jump-ahead, so a
+huge K is made in bounded parts, bitwise as `sample_walks` makes it whole.
 """
 
 from __future__ import annotations

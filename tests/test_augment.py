@@ -199,6 +199,47 @@ def test_dry_run_does_no_work(tmp_path, tiny_model_dir, small_dataset, capsys):
     assert not (tmp_path / "out").exists()
     printed = capsys.readouterr().out
     assert "rare class 1 'rare one'" in printed and "+6 to generate" in printed
+    # the space and a measured time, labelled as the estimate it is
+    assert re.search(r"space: walks [0-9.]+ MB, shards at most [0-9.]+ MB", printed)
+    assert re.search(r"time \(estimate, UNet evaluations only.*\): inversion <= \d+ s", printed)
+    assert "measured: fastest of 3 UNet passes on cpu float32" in printed
+    per_nfe = result["seconds_per_nfe"]
+    assert 0 < per_nfe["invert"] < 10 and 0 < per_nfe["generate"] < 10
+    quiet = run(load_config(config), dry_run=True, timing=False)
+    assert quiet["seconds_per_nfe"] is None
+    assert "time: not measured (--no-timing)" in capsys.readouterr().out
+
+
+def test_kill_minus_nine_while_walk_parts_are_written_then_resume(
+    tmp_path, tiny_model_dir, small_dataset, first_run
+):
+    """Really kill the job after a class's first walk part and while its second is unrenamed."""
+    _, first_out, _ = first_run
+    config = write_config(
+        tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "out", walk__chunk_rows=2
+    )
+    walks = tmp_path / "out" / "walks" / "class_0001"
+    proc = start_augment(config, {**os.environ, "TAILSEED_SLOW_WRITE_S": "2"})
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (walks / "part_00000.parquet").exists() and any(walks.glob(".part_00001.*.tmp")):
+            break
+        assert proc.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("walk part 1 was never caught half written")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (walks / "part_00001.parquet").exists()
+    run(load_config(config))
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+    assert shard_files(tmp_path / "out") == shard_files(first_out)
+    for c in ("class_0001", "class_0002"):
+        parts = sorted((tmp_path / "out" / "walks" / c).glob("*.parquet"))
+        assert [pq.ParquetFile(p).metadata.num_rows for p in parts] == [2, 2, 2]
+        rows = [r for p in parts for r in pq.read_table(p).to_pylist()]
+        assert rows == pq.read_table(first_out / "walks" / c / "part_00000.parquet").to_pylist()
 
 
 def test_kill_minus_nine_mid_shard_then_resume(tmp_path, tiny_model_dir, small_dataset, first_run):
