@@ -131,7 +131,7 @@ def estimate_nfe(plan: Plan) -> dict:
 # The dry run times the UNet at the run's batch size only where batch 1's time, scaled to that
 # batch, stays under this; a slower model (a large one on a CPU) is timed at batch 1 and scaled
 # linearly, an upper bound (batching only lowers the time per image).
-TIMING_FULL_BATCH_S = 1.0
+TIMING_FULL_BATCH_S = 2.0
 TIMING_WARMUP = 2  # untimed passes first: the first calls allocate and pick kernels
 TIMING_REPEATS = 3  # timed passes per batch size; the fastest is used (others' load only adds)
 
