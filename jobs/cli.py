@@ -69,7 +69,13 @@ def add_augment(sub) -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="check the config, dataset, model config and output folder, print the plan and "
-        "its cost, then stop (no model weights loaded)",
+        "its cost, then stop (only the UNet is loaded, to time a few passes)",
+    )
+    p.add_argument(
+        "--no-timing",
+        dest="timing",
+        action="store_false",
+        help="with --dry-run: skip the few UNet passes that estimate the plan's time",
     )
     p.add_argument(
         "--ray-address",
@@ -140,7 +146,12 @@ def add_seed_commands(sub) -> None:
         description="Regenerate DIR/<key>.png from each row's seed, prompt, guidance and steps.",
     )
     gen.add_argument("--model", default=DEFAULT_MODEL, help=_defaults("diffusers folder or hub id"))
-    gen.add_argument("--seeds", required=True, type=Path, help="seeds or walks Parquet file")
+    gen.add_argument(
+        "--seeds",
+        required=True,
+        type=Path,
+        help="seeds or walks Parquet file, or a folder of them (a run's walks/class_NNNN/)",
+    )
     gen.add_argument("--out", required=True, type=Path, help="folder for <key>.png")
     gen.add_argument("--batch-size", type=int, default=16, help=_defaults("images per batch"))
     gen.add_argument(

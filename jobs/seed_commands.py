@@ -132,45 +132,56 @@ def run_generate(args) -> int:
 
     from pipeline.inversion import Sampler
     from pipeline.models import ModelSpec, load_pipeline
-    from pipeline.seed_table import read_seeds
+    from pipeline.seed_table import check_keys, parquet_files, read_seeds
 
-    if not args.seeds.is_file():
-        raise UserError(f"seeds file {args.seeds}: no such file")
+    files = parquet_files(args.seeds)  # a seeds or walks file, or a run's walks/class_NNNN/
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    rows = read_seeds(args.seeds)  # checks keys: valid and unique
+    # 1. check every row before any model work, one file at a time (a run's walks may be large)
+    keys, shapes, hashes = [], {}, set()
+    for path in files:
+        for r in read_seeds(path):  # checks keys: valid and unique within the file
+            keys.append(r["key"])
+            shapes.setdefault(tuple(r["shape"]), (path, r["key"]))
+            hashes.add(r["model_hash"])
+    check_keys(keys, where=str(args.seeds))
     pipe, info = load_pipeline(ModelSpec(path=args.model, device=args.device))
     latent_shape = (
         int(pipe.unet.config.in_channels),
         int(pipe.unet.config.sample_size),
         int(pipe.unet.config.sample_size),
     )
-    for r in rows:
-        if tuple(r["shape"]) != latent_shape:
+    for shape, (path, key) in shapes.items():
+        if shape != latent_shape:
             raise UserError(
-                f"seeds file {args.seeds}: row {r['key']!r} has a seed of shape {r['shape']}, "
+                f"seeds file {path}: row {key!r} has a seed of shape {shape}, "
                 f"the model {args.model!r} takes {latent_shape}"
             )
-    hashes = sorted({r["model_hash"] for r in rows} - {info["model_hash"]})
-    if hashes:
+    other = sorted(hashes - {info["model_hash"]})
+    if other:
         print(
-            f"tailseed generate: warning: seeds were made with model hash {', '.join(hashes)}, "
+            f"tailseed generate: warning: seeds were made with model hash {', '.join(other)}, "
             f"generating with {info['model_hash']}",
             file=sys.stderr,
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    # Rows that share sampler settings run together, in file order within each group.
-    groups: dict[tuple[float, int], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((float(r["guidance_scale"]), int(r["num_inference_steps"])), []).append(r)
     sampler = Sampler(pipe)
-    for (guidance, steps), group in groups.items():
-        for start in range(0, len(group), args.batch_size):
-            part = group[start : start + args.batch_size]
-            images = sampler.generate(
-                np.stack([r["seed"] for r in part]), [r["prompt"] for r in part], guidance, steps
-            )
-            for r, image in zip(part, images):
-                Image.fromarray(image).save(args.out / f"{r['key']}.png")
-    print(f"wrote {len(rows)} images to {args.out}")
+    # 2. per file, rows that share sampler settings run together, in file order within each group
+    for path in files:
+        groups: dict[tuple[float, int], list[dict]] = {}
+        for r in read_seeds(path):
+            settings = (float(r["guidance_scale"]), int(r["num_inference_steps"]))
+            groups.setdefault(settings, []).append(r)
+        for (guidance, steps), group in groups.items():
+            for start in range(0, len(group), args.batch_size):
+                part = group[start : start + args.batch_size]
+                images = sampler.generate(
+                    np.stack([r["seed"] for r in part]),
+                    [r["prompt"] for r in part],
+                    guidance,
+                    steps,
+                )
+                for r, image in zip(part, images):
+                    Image.fromarray(image).save(args.out / f"{r['key']}.png")
+    print(f"wrote {len(keys)} images to {args.out}")
     return 0

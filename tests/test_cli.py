@@ -47,7 +47,10 @@ def test_every_option_has_help_and_names_its_default():
             if not action.option_strings or action.dest == "help":
                 continue
             assert action.help, f"{name} {action.option_strings[0]}: no help"
-            if action.default not in (None, False, [], argparse.SUPPRESS) and not action.required:
+            flag = isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)
+            if action.default not in (None, [], argparse.SUPPRESS) and not (
+                flag or action.required
+            ):
                 shown = sub._get_formatter()._expand_help(action)
                 assert "default" in shown, f"{name} {action.option_strings[0]}: default not shown"
 
