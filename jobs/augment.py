@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.cli import add_augment, default_config
-from jobs.exits import guarded
-from pipeline.config import to_dict
-from pipeline.datasets import Listing
-from pipeline.errors import UserError
-from pipeline.models import describe_model
-from pipeline.output_folder import (
+from tailseed.jobs.cli import add_augment, default_config
+from tailseed.jobs.exits import guarded
+from tailseed.pipeline.config import to_dict
+from tailseed.pipeline.datasets import Listing
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.models import describe_model
+from tailseed.pipeline.output_folder import (
     check_output_folder,
     code_hash,
     contains,
@@ -39,17 +39,23 @@ from pipeline.output_folder import (
     walk_part_path,
     walks_dir,
 )
-from pipeline.runner import LocalRunner, RayRunner
-from pipeline.seed_table import provenance, read_seeds, read_walks, write_seeds, write_walks
-from pipeline.shards import atomic_write, dumps, shard_status, stats_name, write_index
-from stages.augment_pipeline import AugmentConfig, load_config, output_hash, shard_stages
-from stages.filter import REASONS as FILTER_REASONS
-from stages.filter import prepare as prepare_filter
-from stages.generate import GenerateStage
-from stages.invert import InvertStage, class_health, seed_rows
-from stages.scan import EMBEDDED, scan
-from stages.select import ClassPlan, prompt_for, select
-from stages.walk import ClassWalks, ShardSlots, walk_position
+from tailseed.pipeline.runner import LocalRunner, RayRunner
+from tailseed.pipeline.seed_table import (
+    provenance,
+    read_seeds,
+    read_walks,
+    write_seeds,
+    write_walks,
+)
+from tailseed.pipeline.shards import atomic_write, dumps, shard_status, stats_name, write_index
+from tailseed.stages.augment_pipeline import AugmentConfig, load_config, output_hash, shard_stages
+from tailseed.stages.filter import REASONS as FILTER_REASONS
+from tailseed.stages.filter import prepare as prepare_filter
+from tailseed.stages.generate import GenerateStage
+from tailseed.stages.invert import InvertStage, class_health, seed_rows
+from tailseed.stages.scan import EMBEDDED, scan
+from tailseed.stages.select import ClassPlan, prompt_for, select
+from tailseed.stages.walk import ClassWalks, ShardSlots, walk_position
 
 
 def log(message: str) -> None:
@@ -99,7 +105,7 @@ def make_plan(config: AugmentConfig) -> Plan:
 
 def materialize_embedded(path: Path, model: dict) -> None:
     """Write the embedded digits dataset (user split, and the test split beside it) if missing."""
-    from pipeline.embedded import materialize
+    from tailseed.pipeline.embedded import materialize
 
     card = model["card"]
     if "split_indices" not in card:
@@ -147,8 +153,8 @@ def measure_unet(plan: Plan) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from pipeline.inversion import guided_evals
-    from pipeline.models import resolve_device, resolve_dtype
+    from tailseed.pipeline.inversion import guided_evals
+    from tailseed.pipeline.models import resolve_device, resolve_dtype
 
     cfg = plan.config
     device = resolve_device(cfg.model.device)
@@ -497,7 +503,7 @@ def run_generation(
 
 def write_contact_sheets(plan: Plan, out: Path, per_class: int = 64) -> list[str]:
     """contact_class_NNNN.png per augmented class: its real sources on top, generated images below."""
-    from pipeline.contact import grid, iter_shard_images, labelled
+    from tailseed.pipeline.contact import grid, iter_shard_images, labelled
 
     generated: dict[int, list[np.ndarray]] = {p.class_index: [] for p in plan.plans}
     for _, cls, image in iter_shard_images(out / "shards"):
@@ -784,7 +790,7 @@ def main_args(args) -> int:
     path = args.config or default_config()
     config = load_config(path, args.overrides)
     if args.ray_address.startswith("http"):
-        from jobs.submit import submit
+        from tailseed.jobs.submit import submit
 
         return submit(path, args.overrides, args.ray_address, dry_run=args.dry_run)
     run(config, address=args.ray_address or None, dry_run=args.dry_run, timing=args.timing)

@@ -83,14 +83,14 @@ def add_augment(sub) -> argparse.ArgumentParser:
         help="a Ray cluster: ray://HOST:10001 or HOST:6379 connects, http://HOST:8265 submits "
         "a Ray job (default: a private local Ray; also the RAY_ADDRESS of `make augment`)",
     )
-    p.set_defaults(func="jobs.augment:main_args")
+    p.set_defaults(func="tailseed.jobs.augment:main_args")
     return p
 
 
 def _solver_flags(parser) -> None:
     """One flag per InversionConfig field, with its default and help: the solver's settings are
     the command line's, so a new one needs no change here."""
-    from pipeline.inversion_config import SOLVER_NAMES, InversionConfig
+    from tailseed.pipeline.inversion_config import SOLVER_NAMES, InversionConfig
 
     hints = typing.get_type_hints(InversionConfig)
     for f in dataclasses.fields(InversionConfig):
@@ -138,7 +138,7 @@ def add_seed_commands(sub) -> None:
         default="auto",
         help=_defaults("auto (cuda where present, else cpu), cpu or cuda"),
     )
-    inv.set_defaults(func="jobs.seed_commands:run_invert")
+    inv.set_defaults(func="tailseed.jobs.seed_commands:run_invert")
 
     gen = sub.add_parser(
         "generate",
@@ -159,7 +159,7 @@ def add_seed_commands(sub) -> None:
         default="auto",
         help=_defaults("auto (cuda where present, else cpu), cpu or cuda"),
     )
-    gen.set_defaults(func="jobs.seed_commands:run_generate")
+    gen.set_defaults(func="tailseed.jobs.seed_commands:run_generate")
 
 
 def add_inspect(sub) -> None:
@@ -170,7 +170,7 @@ def add_inspect(sub) -> None:
         "health warnings, what the filter dropped, inversion quality and timings.",
     )
     p.add_argument("out", type=Path, help="the output folder (the config's output_dir)")
-    p.set_defaults(func="jobs.inspect_output:main_args")
+    p.set_defaults(func="tailseed.jobs.inspect_output:main_args")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +191,7 @@ def resolve(func: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.exits import guarded
+    from tailseed.jobs.exits import guarded
 
     args = build_parser().parse_args(argv)
     return guarded(args.command, resolve(args.func), args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.errors import UserError
+from tailseed.pipeline.errors import UserError
 
 
 class Terminated(Exception):

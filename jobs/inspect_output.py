@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.shards import shard_done
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.shards import shard_done
 
 
 def summarize(out: Path) -> list[str]:
@@ -56,7 +56,7 @@ def summarize(out: Path) -> list[str]:
             lines.append(f"  WARNING: class {name!r}: {health['warning']}")
     seeds = sorted((out / "seeds").glob("*.parquet"))
     if seeds:
-        from pipeline.seed_table import read_seeds
+        from tailseed.pipeline.seed_table import read_seeds
 
         rows = [r for p in seeds for r in read_seeds(p)]
         psnr = [r["recon_psnr"] for r in rows if r["recon_psnr"] is not None]

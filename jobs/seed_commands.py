@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
+from tailseed.pipeline.errors import UserError
 
 # ----------------------------------------------------------------------------------------------
 # invert
@@ -20,7 +20,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
     stderr when it was cropped or resized. An unusable file is a UserError naming it."""
     from PIL import Image
 
-    from pipeline.images import SkipSample, decode_image
+    from tailseed.pipeline.images import SkipSample, decode_image
 
     try:
         data = path.read_bytes()
@@ -53,9 +53,9 @@ def _class_of(args, card: dict) -> tuple[int | None, str | None]:
 
 
 def run_invert(args) -> int:
-    from pipeline.inversion import InversionConfig, Inverter
-    from pipeline.models import ModelSpec, load_pipeline
-    from pipeline.seed_table import make_key, noise_seed, seed_row, write_seeds
+    from tailseed.pipeline.inversion import InversionConfig, Inverter
+    from tailseed.pipeline.models import ModelSpec, load_pipeline
+    from tailseed.pipeline.seed_table import make_key, noise_seed, seed_row, write_seeds
 
     if args.out.is_dir():
         raise UserError(f"--out {args.out}: is a folder; name the seeds Parquet file to write")
@@ -130,9 +130,9 @@ def run_invert(args) -> int:
 def run_generate(args) -> int:
     from PIL import Image
 
-    from pipeline.inversion import Sampler
-    from pipeline.models import ModelSpec, load_pipeline
-    from pipeline.seed_table import check_keys, parquet_files, read_seeds
+    from tailseed.pipeline.inversion import Sampler
+    from tailseed.pipeline.models import ModelSpec, load_pipeline
+    from tailseed.pipeline.seed_table import check_keys, parquet_files, read_seeds
 
     files = parquet_files(args.seeds)  # a seeds or walks file, or a run's walks/class_NNNN/
     if args.batch_size < 1:

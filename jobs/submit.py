@@ -12,7 +12,7 @@ import shlex
 import time
 from pathlib import Path
 
-from pipeline.errors import UserError
+from tailseed.pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 EXCLUDES = [
@@ -29,7 +29,7 @@ EXCLUDES = [
 
 def entrypoint(config: Path, overrides: list[str], dry_run: bool) -> str:
     rel = config.resolve().relative_to(REPO) if config.resolve().is_relative_to(REPO) else config
-    args = ["python", "-m", "jobs.augment", "--config", str(rel)]
+    args = ["python", "-m", "tailseed.jobs.augment", "--config", str(rel)]
     for item in overrides:
         args += ["--set", item]
     if dry_run:
@@ -80,7 +80,7 @@ def submit(config: Path, overrides: list[str], address: str, dry_run: bool = Fal
     """Submit, stream the job's log here, and return 0 if the job succeeded."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from stages.augment_pipeline import load_config
+    from tailseed.stages.augment_pipeline import load_config
 
     cfg = load_config(config, overrides)
     if not config.resolve().is_relative_to(REPO):

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from pipeline.errors import UserError
+from tailseed.pipeline.errors import UserError
 
 T = TypeVar("T")
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.seed_table import sanitize
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.images import IMAGE_EXTENSIONS
+from tailseed.pipeline.seed_table import sanitize
 
 LABEL_EXTENSIONS = (".cls", ".json", ".txt")
 
@@ -287,7 +287,7 @@ def _parquet_cell(path: str, row: int, column: str) -> bytes:
     struct with `bytes`); a cell of another kind (text, a number) is a counted skip."""
     import pyarrow.parquet as pq
 
-    from pipeline.images import SkipSample
+    from tailseed.pipeline.images import SkipSample
 
     parquet = pq.ParquetFile(path)
     start = 0

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.inversion_config import PREDICTORS, SOLVER_NAMES, InversionConfig
+from tailseed.pipeline.inversion_config import PREDICTORS, SOLVER_NAMES, InversionConfig
 
 # The prompt-aware adjustment is img2img on the grid of the img2img pipeline's default step count
 # (50), as in the paper's public code: strength 0.05 is then 2 denoising steps from t = 21.

@@ -24,7 +24,7 @@ A weighted loss that keeps the learning rate's meaning is `(weight * loss).sum()
 with ratio r and weight w, generated samples then carry r w / (r w + 1 - r) of each batch's
 gradient.
 
-    from pipeline.mixing import read_generated, torch_dataset
+    from tailseed.pipeline.mixing import read_generated, torch_dataset
     gen = read_generated("out/default/shards")
     ds = torch_dataset(real_images, real_labels, gen.images, gen.labels,
                        batch_size=32, ratio=0.25, weight=0.5, seed=0, steps=1000)
@@ -52,8 +52,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.images import SkipSample, decode_image
-from pipeline.shards import stats_name
+from tailseed.pipeline.images import SkipSample, decode_image
+from tailseed.pipeline.shards import stats_name
 
 DECODED = ("png", "cls", "json")  # the only members ever decoded
 MAX_MEMBER_BYTES = 64 * 1024 * 1024  # a larger member is skipped unread

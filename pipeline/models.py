@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import UserError
-from pipeline.inversion import check_epsilon_prediction
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.inversion import check_epsilon_prediction
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL = REPO_ROOT / "models" / "tiny-digits"

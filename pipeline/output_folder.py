@@ -11,8 +11,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.shards import TMP_SUFFIX
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.shards import TMP_SUFFIX
 
 
 def code_hash(root: Path | None = None) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import UserError
+from tailseed.pipeline.errors import UserError
 
 
 class ResourceError(UserError):

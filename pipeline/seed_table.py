@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import stable_hash
-from pipeline.errors import UserError
+from tailseed.pipeline.config import stable_hash
+from tailseed.pipeline.errors import UserError
 
 KEY_MAX = 100
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,100}")
@@ -184,7 +184,7 @@ def _table(rows: Sequence[dict], schema: pa.Schema) -> pa.Table:
 
 def _write(table: pa.Table, path: str | Path) -> None:
     """Write to a temporary sibling and rename: a killed write leaves no half file behind."""
-    from pipeline.shards import temp_name
+    from tailseed.pipeline.shards import temp_name
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

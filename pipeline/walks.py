@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-from pipeline.seed_space import lerp, nao_centroids, nao_path, point_at, slerp
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.seed_space import lerp, nao_centroids, nao_path, point_at, slerp
 
 METHODS = ("nao", "slerp", "lerp")  # the walks `sample_walks` takes; "nao" is the default
 MARGIN = 0.1  # walk positions stay in [MARGIN, 1 - MARGIN]: no new seed next to a source

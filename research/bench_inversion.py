@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import inversion as inv
-from pipeline.models import EMBEDDED_MODEL, REPO_ROOT, ModelSpec, load_pipeline
 from research import inversion_peers as peers
 from research.digits import CLASS_NAMES, load_digits_arrays, render
+from tailseed.pipeline import inversion as inv
+from tailseed.pipeline.models import EMBEDDED_MODEL, REPO_ROOT, ModelSpec, load_pipeline
 
 PAPER_FIXED_ITERS = 20  # the fixed-point paper's public code: 20 iterations at every step
 GUIDANCES = (1.0, 2.0)  # no guidance, and the paper's guidance for real images

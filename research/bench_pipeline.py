@@ -26,10 +26,10 @@ import numpy as np
 import psutil
 import torch
 
-from jobs.augment import run
-from pipeline.inversion import InversionConfig, Inverter
-from pipeline.models import load_pipeline
-from stages.augment_pipeline import load_config
+from tailseed.jobs.augment import run
+from tailseed.pipeline.inversion import InversionConfig, Inverter
+from tailseed.pipeline.models import load_pipeline
+from tailseed.stages.augment_pipeline import load_config
 
 CONFIG = Path("configs/default.yaml")
 
@@ -137,7 +137,7 @@ def unet_batching_ceiling(reps: int = 20) -> dict:
     loop's batch (2: one image with classifier-free guidance) and at the pipeline's generate batch
     (2 x generate.batch_size). Generation is most of the work, so the ratio bounds the speedup over
     the plain loop that batching can give here."""
-    from pipeline.inversion import encode_prompts
+    from tailseed.pipeline.inversion import encode_prompts
 
     config = load_config(CONFIG)
     torch.set_num_threads(2)

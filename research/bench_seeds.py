@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import inversion as inv
-from pipeline.models import EMBEDDED_MODEL, REPO_ROOT, ModelSpec, load_pipeline
-from pipeline.seed_space import (
+from research.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays, render
+from tailseed.pipeline import inversion as inv
+from tailseed.pipeline.models import EMBEDDED_MODEL, REPO_ROOT, ModelSpec, load_pipeline
+from tailseed.pipeline.seed_space import (
     NaoConfig,
     chi_band,
     lerp,
@@ -42,7 +43,6 @@ from pipeline.seed_space import (
     point_at,
     slerp,
 )
-from research.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays, render
 
 SD_SHAPE = (4, 64, 64)  # Stable Diffusion 1.x / 2.x-base latent seeds
 BAND_MASS = 0.99  # the prior's typical band: the central 99% of chi_dim

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.mixing import MixingSampler
+from tailseed.pipeline.mixing import MixingSampler
 
 
 class DigitCNN(nn.Module):

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 # the rendering and the class names are the product's; research code takes them from here too
-from pipeline.embedded import CLASS_NAMES, IMAGE_SIZE, load_digits_arrays, render  # noqa: F401
+from tailseed.pipeline.embedded import CLASS_NAMES, IMAGE_SIZE, load_digits_arrays, render  # noqa: F401
 
 SPLIT_NAMES = ("model_train", "user", "val", "test", "spare")
 

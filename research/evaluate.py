@@ -45,12 +45,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jobs.augment import run as run_augment
-from pipeline.contact import grid, labelled
-from pipeline.errors import UserError
-from pipeline.mixing import read_generated
-from pipeline.models import describe_model
-from pipeline.output_folder import code_hash
 from research.classifier import (
     RECIPES,
     ClassicAugment,
@@ -70,7 +64,13 @@ from research.digits import (
     to_digit_space,
 )
 from research.judge import near_copy_threshold, nearest_distances, train_judge
-from stages.augment_pipeline import AugmentConfig, load_config, output_hash
+from tailseed.jobs.augment import run as run_augment
+from tailseed.pipeline.contact import grid, labelled
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.mixing import read_generated
+from tailseed.pipeline.models import describe_model
+from tailseed.pipeline.output_folder import code_hash
+from tailseed.stages.augment_pipeline import AugmentConfig, load_config, output_hash
 
 # ------------------------------------------------------------------------------------------------
 # Settings, fixed before any measurement

@@ -15,10 +15,10 @@ import time
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-from pipeline.inversion import InversionConfig, Inverter, Sampler
-from pipeline.models import EMBEDDED_MODEL, ModelSpec, describe_model, load_pipeline
 from research.digits import DigitsSplit, load_digits_arrays, render, split_indices
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.inversion import InversionConfig, Inverter, Sampler
+from tailseed.pipeline.models import EMBEDDED_MODEL, ModelSpec, describe_model, load_pipeline
 
 REAL_CHECKPOINTS = (
     "stable-diffusion-v1-5/stable-diffusion-v1-5",

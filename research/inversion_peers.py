@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.inversion import EpsFn, NFECounter, Schedule, ddim_trajectory
+from tailseed.pipeline.inversion import EpsFn, NFECounter, Schedule, ddim_trajectory
 
 EDICT_MIX = 0.93  # the EDICT paper's mixing coefficient p
 

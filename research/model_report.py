@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.contact import grid, labelled
-from pipeline.models import EMBEDDED_MODEL, ModelSpec, load_pipeline, read_card
 from research.digits import DigitsSplit, held_out_indices, load_digits_arrays, to_digit_space
 from research.judge import near_copy_threshold, nearest_distances, train_judge
+from tailseed.pipeline.contact import grid, labelled
+from tailseed.pipeline.models import EMBEDDED_MODEL, ModelSpec, load_pipeline, read_card
 
 PLAIN_PROMPT_TARGET = 0.30  # the seen regime: tail plain prompts judged in class at most this often
 GENERIC_SEED_OFFSET = 1000  # seeds of the generic samples: seed + offset (+ batch number)

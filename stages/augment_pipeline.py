@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.config import (
+from tailseed.pipeline.config import (
     HASHED_UNLESS_DEFAULT,
     NOT_HASHED,
     apply_overrides,
@@ -20,15 +20,15 @@ from pipeline.config import (
     from_dict,
     load_yaml,
 )
-from pipeline.errors import UserError
-from pipeline.models import ModelSpec
-from stages.filter import FilterConfig, FilterStage
-from stages.generate import GenerateConfig, GenerateStage
-from stages.invert import InvertConfig
-from stages.scan import ScanConfig
-from stages.select import SelectConfig
-from stages.walk import WalkConfig
-from stages.write import ShardsConfig, WriteStage
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.models import ModelSpec
+from tailseed.stages.filter import FilterConfig, FilterStage
+from tailseed.stages.generate import GenerateConfig, GenerateStage
+from tailseed.stages.invert import InvertConfig
+from tailseed.stages.scan import ScanConfig
+from tailseed.stages.select import SelectConfig
+from tailseed.stages.walk import WalkConfig
+from tailseed.stages.write import ShardsConfig, WriteStage
 
 
 @dataclass(frozen=True)

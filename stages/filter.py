@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import NOT_HASHED
-from pipeline.datasets import Listing, read_bytes
-from pipeline.errors import UserError
-from pipeline.images import SkipSample, decode_image
-from pipeline.runner import Resources, Stage
-from pipeline.shards import atomic_write, dumps
+from tailseed.pipeline.config import NOT_HASHED
+from tailseed.pipeline.datasets import Listing, read_bytes
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.images import SkipSample, decode_image
+from tailseed.pipeline.runner import Resources, Stage
+from tailseed.pipeline.shards import atomic_write, dumps
 
 REASONS = ("near_copy", "not_kept")  # why a generated candidate is not written
 
@@ -105,7 +105,7 @@ def prepare(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from pipeline.self_judge import (
+    from tailseed.pipeline.self_judge import (
         JudgeTraining,
         near_copy_threshold,
         train_self_judge,
@@ -178,7 +178,7 @@ class FilterStage:
     ):
         from safetensors.torch import load_file
 
-        from pipeline.self_judge import SelfJudge
+        from tailseed.pipeline.self_judge import SelfJudge
 
         self.position = {int(c): i for i, c in enumerate(class_indices)}
         self.judge = SelfJudge.from_state(load_file(judge), len(class_indices), folds)
@@ -205,7 +205,7 @@ class FilterStage:
         return Stage(FilterStage.name, FilterStage, kwargs, config.filter.resources)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipeline.self_judge import rms_distances, working_images
+        from tailseed.pipeline.self_judge import rms_distances, working_images
 
         n = len(batch["key"])
         ok = np.asarray(batch["ok"], bool).copy()

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import NOT_HASHED, to_dict
-from pipeline.errors import UserError
-from pipeline.inversion import Sampler, guided_evals
-from pipeline.models import ModelSpec, load_pipeline
-from pipeline.runner import Resources, Stage
+from tailseed.pipeline.config import NOT_HASHED, to_dict
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.inversion import Sampler, guided_evals
+from tailseed.pipeline.models import ModelSpec, load_pipeline
+from tailseed.pipeline.runner import Resources, Stage
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.config import NOT_HASHED, to_dict
-from pipeline.errors import UserError
-from pipeline.inversion import InversionConfig, Inverter, max_nfe
-from pipeline.models import ModelSpec, load_pipeline
-from pipeline.runner import Resources, Stage
-from pipeline.seed_table import noise_seed, seed_row
+from tailseed.pipeline.config import NOT_HASHED, to_dict
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.inversion import InversionConfig, Inverter, max_nfe
+from tailseed.pipeline.models import ModelSpec, load_pipeline
+from tailseed.pipeline.runner import Resources, Stage
+from tailseed.pipeline.seed_table import noise_seed, seed_row
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import HASHED_UNLESS_DEFAULT
-from pipeline.datasets import Listing, list_dataset, name_classes, read_class_names
-from pipeline.errors import UserError
+from tailseed.pipeline.config import HASHED_UNLESS_DEFAULT
+from tailseed.pipeline.datasets import Listing, list_dataset, name_classes, read_class_names
+from tailseed.pipeline.errors import UserError
 
 EMBEDDED = "embedded-digits"
 
@@ -42,7 +42,7 @@ def scan(config: ScanConfig) -> Listing:
 
 def _list(config: ScanConfig) -> Listing:
     if "{" in config.path:  # a brace pattern of tar files
-        from pipeline.datasets import expand_pattern, list_webdataset
+        from tailseed.pipeline.datasets import expand_pattern, list_webdataset
 
         return list_webdataset(expand_pattern(config.path), config.label_key)
     path = Path(config.path)

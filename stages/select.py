@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.datasets import Listing, read_bytes
-from pipeline.errors import UserError
-from pipeline.images import SkipSample, decode_image
+from tailseed.pipeline.datasets import Listing, read_bytes
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.images import SkipSample, decode_image
 
 
 @dataclass(frozen=True)

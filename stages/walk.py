@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.config import HASHED_UNLESS_DEFAULT, NOT_HASHED, stable_hash
-from pipeline.errors import UserError
-from pipeline.walks import METHODS as WALK_METHODS
-from pipeline.walks import plan_walks
+from tailseed.pipeline.config import HASHED_UNLESS_DEFAULT, NOT_HASHED, stable_hash
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.walks import METHODS as WALK_METHODS
+from tailseed.pipeline.walks import plan_walks
 
 # the seed-space walks, plus "prompt": fresh Gaussian seeds, no inversion
 METHODS = (*WALK_METHODS, "prompt")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.images import encode_png
-from pipeline.runner import Stage
-from pipeline.shards import write_shard
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.images import encode_png
+from tailseed.pipeline.runner import Stage
+from tailseed.pipeline.shards import write_shard
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def shard_files(out: Path) -> dict[str, bytes]:
 def start_augment(config: Path, env: dict) -> subprocess.Popen:
     """The augment job as a separate process (so that a test can kill it), output discarded."""
     return subprocess.Popen(
-        [sys.executable, "-m", "jobs.augment", "--config", str(config)],
+        [sys.executable, "-m", "tailseed.jobs.augment", "--config", str(config)],
         cwd=Path(__file__).resolve().parents[1],
         env=env,
         stdout=subprocess.DEVNULL,

@@ -19,8 +19,8 @@ import torch  # noqa: E402
 from augment_helpers import TINY_SPEC  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.models import EMBEDDED_MODEL  # noqa: E402
 from research.tiny_model import assemble_pipeline, build_components  # noqa: E402
+from tailseed.pipeline.models import EMBEDDED_MODEL  # noqa: E402
 
 TINY_WORDS = "a photo of the digit zero one two three four five six seven eight nine".split()
 
@@ -48,7 +48,7 @@ def tiny_model_dir(tmp_path_factory, tiny_pipe):
 @pytest.fixture(scope="session")
 def embedded_pipe():
     """The shipped tiny-digits model (trained weights), loaded through the project's loader."""
-    from pipeline.models import ModelSpec, load_pipeline
+    from tailseed.pipeline.models import ModelSpec, load_pipeline
 
     if not (EMBEDDED_MODEL / "model_index.json").exists():
         pytest.fail(f"embedded model missing at {EMBEDDED_MODEL}; run `make tiny-model`")

@@ -20,9 +20,9 @@ import webdataset as wds
 from augment_helpers import shard_files, start_augment, write_config
 from PIL import Image
 
-from jobs.augment import run
-from pipeline.errors import UserError
-from stages.augment_pipeline import load_config
+from tailseed.jobs.augment import run
+from tailseed.pipeline.errors import UserError
+from tailseed.stages.augment_pipeline import load_config
 
 pytestmark = [pytest.mark.slow]
 
@@ -110,7 +110,7 @@ def test_generate_cli_regenerates_a_shard_sample(first_run, tmp_path):
         [
             sys.executable,
             "-m",
-            "jobs.cli",
+            "tailseed.jobs.cli",
             "generate",
             "--model",
             str(json.loads((out / "run.json").read_text())["config"]["model"]["path"]),

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from augment_helpers import shard_files, start_augment, write_config
 
-from jobs.augment import run
-from stages.augment_pipeline import load_config
+from tailseed.jobs.augment import run
+from tailseed.stages.augment_pipeline import load_config
 
 pytestmark = [pytest.mark.slow]
 
@@ -90,7 +90,7 @@ def test_kill_minus_nine_of_an_actor_then_resume(
 def test_asking_for_more_gpus_than_the_cluster_has_says_so(
     ray_session, tmp_path, tiny_model_dir, small_dataset
 ):
-    from pipeline.errors import UserError
+    from tailseed.pipeline.errors import UserError
 
     config = write_config(tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "out")
     overrides = [
@@ -111,7 +111,7 @@ def test_runner_keeps_model_free_stages_small_and_frees_each_pool(ray_session):
     returns, so that the next stage's pool never shares the machine with it."""
     import numpy as np
 
-    from pipeline.runner import RayRunner, Resources, Stage
+    from tailseed.pipeline.runner import RayRunner, Resources, Stage
 
     class Probe:  # defined here, so that Ray ships it by value
         def __call__(self, batch):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import build_parser
-from pipeline.errors import UserError
-from stages.augment_pipeline import load_config
+from tailseed.jobs.cli import build_parser
+from tailseed.pipeline.errors import UserError
+from tailseed.stages.augment_pipeline import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "configs" / "default.yaml"
@@ -97,7 +97,7 @@ def test_the_default_config_keeps_its_paths_as_written(monkeypatch):
 
 
 def test_a_missing_local_model_folder_is_not_sent_to_the_hub(tmp_path, capsys):
-    from jobs.cli import main
+    from tailseed.jobs.cli import main
 
     code = main(
         [
@@ -114,7 +114,7 @@ def test_a_missing_local_model_folder_is_not_sent_to_the_hub(tmp_path, capsys):
 
 
 def test_without_a_configs_folder_the_default_config_is_the_installed_one(tmp_path, monkeypatch):
-    from jobs.cli import PACKAGE_ROOT, default_config
+    from tailseed.jobs.cli import PACKAGE_ROOT, default_config
 
     monkeypatch.chdir(tmp_path)
     assert default_config() == PACKAGE_ROOT / "configs" / "default.yaml"

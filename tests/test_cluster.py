@@ -231,8 +231,8 @@ def test_worker_node_killed_mid_run_then_resume(cluster, tmp_path, after_kill):
     there and finish), or the job is stopped at once ("stop_job": the run is left unfinished, and
     only the rerun can complete it). Either way a rerun of the same command ends with every shard
     complete, nothing lost or duplicated, and bytes equal to an uninterrupted run."""
-    from jobs.augment import run
-    from stages.augment_pipeline import load_config
+    from tailseed.jobs.augment import run
+    from tailseed.stages.augment_pipeline import load_config
 
     out = tmp_path / "out"
     shards = out / "shards"

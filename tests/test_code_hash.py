@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import UserError
-from pipeline.output_folder import check_output_folder, code_hash
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.output_folder import check_output_folder, code_hash
 
 REPO = Path(__file__).resolve().parents[1]
 

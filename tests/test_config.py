@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import from_dict
-from pipeline.errors import UserError
-from stages.augment_pipeline import AugmentConfig, load_config, output_hash
+from tailseed.pipeline.config import from_dict
+from tailseed.pipeline.errors import UserError
+from tailseed.stages.augment_pipeline import AugmentConfig, load_config, output_hash
 
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -84,7 +84,7 @@ def test_default_config_hash_is_pinned():
 
 
 def test_a_minimal_config_takes_the_values_of_default_yaml(tmp_path):
-    from pipeline.config import to_dict
+    from tailseed.pipeline.config import to_dict
 
     minimal = tmp_path / "birds.yaml"
     minimal.write_text("name: birds\ndataset:\n  path: /data/birds\n")

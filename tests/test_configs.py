@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.augment import run
-from pipeline.errors import UserError
-from pipeline.models import ModelSpec, describe_model
-from stages.augment_pipeline import load_config
+from tailseed.jobs.augment import run
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.models import ModelSpec, describe_model
+from tailseed.stages.augment_pipeline import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.datasets import list_dataset, read_bytes
-from pipeline.errors import UserError
-from pipeline.images import SkipSample, decode_image
-from stages.scan import ScanConfig, scan
-from stages.select import SelectConfig, select
+from tailseed.pipeline.datasets import list_dataset, read_bytes
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.images import SkipSample, decode_image
+from tailseed.stages.scan import ScanConfig, scan
+from tailseed.stages.select import SelectConfig, select
 
 
 def png_bytes(mode: str = "RGB", size=(20, 20), value=128, fmt="PNG") -> bytes:

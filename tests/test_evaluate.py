@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.images import encode_png
-from pipeline.shards import write_index, write_shard
 from research import classifier
 from research.classifier import (
     SMALL,
@@ -48,6 +46,8 @@ from research.evaluate import (
     targets,
     walk_kind,
 )
+from tailseed.pipeline.images import encode_png
+from tailseed.pipeline.shards import write_index, write_shard
 
 
 def bars(n: int, rng: np.random.Generator, classes: int = 2) -> tuple[np.ndarray, np.ndarray]:

@@ -10,15 +10,15 @@ import pytest
 from augment_helpers import shard_files, write_config
 from PIL import Image
 
-from pipeline.datasets import list_dataset
-from pipeline.self_judge import (
+from tailseed.pipeline.datasets import list_dataset
+from tailseed.pipeline.self_judge import (
     JudgeTraining,
     near_copy_threshold,
     rms_distances,
     train_self_judge,
     working_images,
 )
-from stages.filter import FilterConfig, FilterStage, prepare
+from tailseed.stages.filter import FilterConfig, FilterStage, prepare
 
 
 def _bars(n: int, column: int, seed: int) -> np.ndarray:
@@ -119,8 +119,8 @@ def test_filter_stage_drops_near_copies_and_keeps_the_best_per_class(prepared, s
 
 @pytest.mark.slow
 def test_augment_with_the_filter_end_to_end(tmp_path, tiny_model_dir, small_dataset):
-    from jobs.augment import run
-    from stages.augment_pipeline import load_config
+    from tailseed.jobs.augment import run
+    from tailseed.stages.augment_pipeline import load_config
 
     overrides = [
         "filter.enabled=true",

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import inversion as inv
 from research.digits import load_digits_arrays, render
+from tailseed.pipeline import inversion as inv
 
 PROMPT = "a photo of the digit one"
 

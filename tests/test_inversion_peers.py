@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import inversion as inv
 from research import inversion_peers as peers
 from research.digits import CLASS_NAMES, load_digits_arrays, render
+from tailseed.pipeline import inversion as inv
 
 PROMPT = "a photo of the digit one"
 

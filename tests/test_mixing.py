@@ -10,14 +10,14 @@ import tarfile
 import numpy as np
 import pytest
 
-from pipeline.images import encode_png
-from pipeline.mixing import (
+from tailseed.pipeline.images import encode_png
+from tailseed.pipeline.mixing import (
     MixingSampler,
     mixed_batches,
     read_generated,
     torch_dataset,
 )
-from pipeline.shards import write_index, write_shard
+from tailseed.pipeline.shards import write_index, write_shard
 
 
 def sample(key: str, cls: int, value: int, meta: dict | None = None) -> dict:

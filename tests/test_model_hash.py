@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import models
-from pipeline.models import EMBEDDED_MODEL, model_hash
+from tailseed.pipeline import models
+from tailseed.pipeline.models import EMBEDDED_MODEL, model_hash
 
 WEIGHTS = (".safetensors", ".bin")
 

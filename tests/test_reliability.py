@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from augment_helpers import shard_files, write_config
 
-from jobs.augment import run
-from pipeline.config import from_dict
-from pipeline.errors import UserError
-from stages.augment_pipeline import AugmentConfig, load_config
+from tailseed.jobs.augment import run
+from tailseed.pipeline.config import from_dict
+from tailseed.pipeline.errors import UserError
+from tailseed.stages.augment_pipeline import AugmentConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def _start(config: Path, slow: float) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["TAILSEED_SLOW_WRITE_S"] = str(slow)
     return subprocess.Popen(
-        [sys.executable, "-m", "jobs.augment", "--config", str(config)],
+        [sys.executable, "-m", "tailseed.jobs.augment", "--config", str(config)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -262,7 +262,7 @@ def test_seeds_rows_that_would_make_garbage_are_refused_when_read(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.seed_table import SEEDS_SCHEMA, read_seeds, seeds_table
+    from tailseed.pipeline.seed_table import SEEDS_SCHEMA, read_seeds, seeds_table
 
     row = {
         "key": "k",
@@ -299,7 +299,7 @@ def test_a_huge_label_member_is_skipped_and_counted(tmp_path):
 
     from PIL import Image
 
-    from pipeline.datasets import LABEL_MAX_BYTES, list_dataset
+    from tailseed.pipeline.datasets import LABEL_MAX_BYTES, list_dataset
 
     buf = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buf, format="PNG")
@@ -329,7 +329,7 @@ def test_a_plan_that_does_not_fit_the_disk_is_refused_in_the_dry_run(
 
 
 def test_inspect_of_a_corrupt_run_json_is_one_line(tmp_path):
-    from jobs.inspect_output import summarize
+    from tailseed.jobs.inspect_output import summarize
 
     (tmp_path / "run.json").write_text("{half")
     with pytest.raises(UserError, match="run.json: unreadable"):
@@ -349,7 +349,7 @@ def test_a_run_with_nothing_to_augment_says_so_and_fails(tmp_path, tiny_model_di
 
 
 def test_a_class_the_model_cannot_reconstruct_is_warned_about():
-    from stages.invert import class_health
+    from tailseed.stages.invert import class_health
 
     good = {"a": {"recon_psnr": 30.5, "vae_psnr": 31.0, "failed": False}}
     assert "warning" not in class_health(["a"], good)
@@ -363,7 +363,7 @@ def test_a_class_the_model_cannot_reconstruct_is_warned_about():
 def test_shapes_on_the_digits_model_warn_in_the_log_run_json_and_inspect(tmp_path, capsys):
     from PIL import Image, ImageDraw
 
-    from jobs.inspect_output import summarize
+    from tailseed.jobs.inspect_output import summarize
 
     rng = np.random.default_rng(0)
     for name, count in (("circle", 12), ("triangle", 3)):

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs import cli
-from pipeline.seed_table import read_seeds
+from tailseed.jobs import cli
+from tailseed.pipeline.seed_table import read_seeds
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def _invert_fails(main, tmp_path, model_dir, image) -> int:
 
 
 def test_non_square_image_is_centre_cropped_as_augment_does(main, tmp_path, tiny_model_dir, capsys):
-    from pipeline.images import decode_image
+    from tailseed.pipeline.images import decode_image
 
     wide = tmp_path / "wide.png"
     array = np.random.default_rng(0).integers(0, 256, (10, 20, 3), dtype=np.uint8)
@@ -88,7 +88,7 @@ def test_non_square_image_is_centre_cropped_as_augment_does(main, tmp_path, tiny
     argv = ["invert", "--model", str(tiny_model_dir), "--prompt", "p", "--out", str(seeds)]
     assert main(argv + [*FAST, str(wide)]) == 0
     assert "wide.png: centre-cropped and resized 20x10 -> 16x16" in capsys.readouterr().err
-    from jobs.seed_commands import load_image
+    from tailseed.jobs.seed_commands import load_image
 
     np.testing.assert_array_equal(load_image(wide, 16), decode_image(wide.read_bytes(), 16))
 
@@ -103,9 +103,9 @@ def test_invert_defaults_are_the_augment_defaults():
     import argparse
     import dataclasses
 
-    from jobs.cli import add_seed_commands
-    from pipeline.inversion import InversionConfig
-    from stages.augment_pipeline import load_config
+    from tailseed.jobs.cli import add_seed_commands
+    from tailseed.pipeline.inversion import InversionConfig
+    from tailseed.stages.augment_pipeline import load_config
 
     parser = argparse.ArgumentParser()
     add_seed_commands(parser.add_subparsers())
@@ -140,7 +140,7 @@ def test_duplicate_keys_are_an_error(main, tmp_path, tiny_model_dir, capsys):
 
 
 def test_generate_refuses_a_seed_of_another_shape(main, tmp_path, tiny_model_dir, capsys):
-    from pipeline.seed_table import write_seeds
+    from tailseed.pipeline.seed_table import write_seeds
 
     row = {
         "key": "k",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.seed_space import (
+from tailseed.pipeline.seed_space import (
     NaoConfig,
     StopRule,
     chi_band,

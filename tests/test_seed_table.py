@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.datasets import safe_key
-from pipeline.errors import UserError
-from pipeline.seed_table import (
+from tailseed.pipeline.datasets import safe_key
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.seed_table import (
     SEEDS_SCHEMA,
     WALKS_SCHEMA,
     make_key,

@@ -9,7 +9,6 @@ from dataclasses import asdict, replace
 import numpy as np
 import pytest
 
-from pipeline.models import REPO_ROOT, ModelSpec, describe_model, read_card
 from research.digits import (
     CLASS_NAMES,
     SEEN_MIXED_SPLIT,
@@ -31,6 +30,7 @@ from research.train_tiny_model import (
     captions,
     regime_config,
 )
+from tailseed.pipeline.models import REPO_ROOT, ModelSpec, describe_model, read_card
 
 SEEN_MODEL = REPO_ROOT / "models" / "tiny-digits-seen"
 TAIL = (4, 7)

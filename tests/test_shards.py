@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.images import encode_png
-from pipeline.runner import pack, unpack
-from pipeline.shards import read_stats, shard_done, tar_bytes, write_index, write_shard
+from tailseed.pipeline.images import encode_png
+from tailseed.pipeline.runner import pack, unpack
+from tailseed.pipeline.shards import read_stats, shard_done, tar_bytes, write_index, write_shard
 
 
 def samples(n: int) -> list[dict]:
@@ -104,7 +104,7 @@ def test_in_process_stages_each_run_with_their_own_threads():
     the torch threads their resources give them, whatever the stage built after them set."""
     import torch  # noqa: F401 - the probe's threads are torch's
 
-    from pipeline.runner import LocalRunner, Resources, Stage
+    from tailseed.pipeline.runner import LocalRunner, Resources, Stage
 
     stages = [
         Stage("model", _ThreadProbe, {}, Resources(num_cpus=1.5)),

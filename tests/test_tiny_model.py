@@ -10,9 +10,6 @@ import numpy as np
 import pytest
 from augment_helpers import TINY_SPEC
 
-from pipeline.embedded import materialize
-from pipeline.errors import UserError
-from pipeline.models import EMBEDDED_MODEL, ModelSpec, describe_model, load_pipeline, read_card
 from research.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays, split_indices
 from research.train_tiny_model import (
     PROMPT_TEMPLATE,
@@ -20,6 +17,15 @@ from research.train_tiny_model import (
     captions,
     regime_config,
     train,
+)
+from tailseed.pipeline.embedded import materialize
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.models import (
+    EMBEDDED_MODEL,
+    ModelSpec,
+    describe_model,
+    load_pipeline,
+    read_card,
 )
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import UserError
-from pipeline.walks import MARGIN, WalkSeed, plan_walks, sample_walks
+from tailseed.pipeline.errors import UserError
+from tailseed.pipeline.walks import MARGIN, WalkSeed, plan_walks, sample_walks
 
 SHAPE = (4, 8, 8)
 
@@ -143,7 +143,7 @@ def test_duplicate_seeds_are_not_walked_between():
 
 
 def test_seed_perturbation_moves_seeds_by_the_angle_and_is_reproducible():
-    from stages.walk import perturbed
+    from tailseed.stages.walk import perturbed
 
     z = np.random.default_rng(0).standard_normal((4, 8, 8)).astype(np.float32)
     assert perturbed(z, "k", 0.0) is z
@@ -187,7 +187,7 @@ def test_the_plan_does_not_hold_the_seeds():
 
 
 def test_shard_slots_read_only_their_range_in_round_robin_order():
-    from stages.walk import ShardSlots, slot_order
+    from tailseed.stages.walk import ShardSlots, slot_order
 
     counts = {3: 7, 1: 2, 5: 4, 8: 0}
     queues = [[(c, j) for j in range(counts[c])] for c in sorted(counts)]
