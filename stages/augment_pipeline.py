@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tailseed.pipeline.config import (
-    HASHED_UNLESS_DEFAULT,
     NOT_HASHED,
     apply_overrides,
     config_hash,
@@ -50,7 +49,7 @@ class AugmentConfig:
     invert: InvertConfig = field(default_factory=InvertConfig)
     walk: WalkConfig = field(default_factory=WalkConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    filter: FilterConfig = field(default_factory=FilterConfig, metadata=HASHED_UNLESS_DEFAULT)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     ray: RayConfig = field(default_factory=RayConfig, metadata=NOT_HASHED)
 
