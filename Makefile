@@ -47,8 +47,8 @@ gpu-check: $(STAMP)
 	$(PY) -m research.gpu_check
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline stages jobs research tests
-	$(VENV)/bin/ruff format --check pipeline stages jobs research tests
+	$(VENV)/bin/ruff check tailseed pipeline stages jobs research tests
+	$(VENV)/bin/ruff format --check tailseed pipeline stages jobs research tests
 
 clean:
 	rm -rf out data

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tailseed.jobs import console
+from tailseed.jobs.cli import add_augment, default_config
 from tailseed.jobs.exits import guarded
 from tailseed.pipeline.config import to_dict
 from tailseed.pipeline.datasets import Listing
@@ -36,7 +38,8 @@ from tailseed.pipeline.output_folder import (
     package_versions,
     remove_temp_files,
     seeds_path,
-    walks_path,
+    walk_part_path,
+    walks_dir,
 )
 from tailseed.pipeline.runner import LocalRunner, RayRunner
 from tailseed.pipeline.seed_table import (
@@ -53,8 +56,8 @@ from tailseed.stages.filter import prepare as prepare_filter
 from tailseed.stages.generate import GenerateStage
 from tailseed.stages.invert import InvertStage, class_health, seed_rows
 from tailseed.stages.scan import EMBEDDED, scan
-from tailseed.stages.select import ClassPlan, select
-from tailseed.stages.walk import make_walks, shard_slots
+from tailseed.stages.select import ClassPlan, prompt_for, select
+from tailseed.stages.walk import ClassWalks, ShardSlots, walk_position
 
 
 def log(message: str, level: int = logging.INFO) -> None:
@@ -133,6 +136,107 @@ def estimate_nfe(plan: Plan) -> dict:
         "images": generated,
         "candidates": candidates,
     }
+
+
+# The dry run times the UNet at the run's batch size only where batch 1's time, scaled to that
+# batch, stays under this; a slower model (a large one on a CPU) is timed at batch 1 and scaled
+# linearly, an upper bound (batching only lowers the time per image).
+TIMING_FULL_BATCH_S = 2.0
+TIMING_WARMUP = 2  # untimed passes first: the first calls allocate and pick kernels
+TIMING_REPEATS = 3  # timed passes per batch size; the fastest is used (others' load only adds)
+
+
+def measure_unet(plan: Plan) -> dict:
+    """Seconds per UNet evaluation (one image, one call: DESIGN's NFE), measured on this machine:
+    the model's UNet on the configured device and dtype, with the torch threads its stage gets,
+    at the batch that inversion and generation run (doubled for classifier-free guidance).
+
+    Returns {"invert", "generate": seconds per NFE, "how": what was timed}. Only the UNet: the VAE,
+    text encoder, filter, PNG encoding and model loading are not in it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from tailseed.pipeline.inversion import guided_evals
+    from tailseed.pipeline.models import resolve_device, resolve_dtype
+
+    cfg = plan.config
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    folder = Path(plan.model["folder"])
+    text = json.loads((folder / "text_encoder" / "config.json").read_text())
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype)
+    unet = unet.to(device).eval()
+    width, tokens = int(unet.config.cross_attention_dim), int(text["max_position_embeddings"])
+    est = estimate_nfe(plan)
+
+    def forward_s(batch: int) -> float:
+        z = torch.randn(
+            batch, *plan.model["latent_shape"], generator=torch.Generator().manual_seed(0)
+        )
+        z, cond = z.to(device, dtype), torch.zeros(batch, tokens, width, device=device, dtype=dtype)
+        t = torch.full((batch,), 500, device=device)
+        times = []
+        with torch.inference_mode():
+            for _ in range(TIMING_WARMUP + TIMING_REPEATS):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                unet(z, t, encoder_hidden_states=cond)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+        return min(times[TIMING_WARMUP:])
+
+    threads = torch.get_num_threads()
+    out, how = {}, []
+    try:
+        for name, batch, guidance, cpus in (
+            (
+                "invert",
+                min(cfg.invert.batch_size, max(1, est["sources"])),
+                cfg.invert.solver.guidance_scale,
+                cfg.invert.resources.num_cpus,
+            ),
+            (
+                "generate",
+                min(cfg.generate.batch_size, max(1, est["candidates"])),
+                cfg.generate.guidance_scale,
+                cfg.generate.resources.num_cpus,
+            ),
+        ):
+            torch.set_num_threads(max(1, math.ceil(cpus)))
+            batch *= guided_evals(guidance)
+            single = forward_s(1)
+            if single * batch > TIMING_FULL_BATCH_S and batch > 1:
+                out[name] = single
+                how.append(f"{name}: batch 1 at {single * 1e3:.1f} ms (batch {batch} not run)")
+            else:
+                full = forward_s(batch)
+                out[name] = full / batch
+                how.append(f"{name}: batch {batch} at {full * 1e3:.1f} ms")
+    finally:
+        torch.set_num_threads(threads)
+    out["how"] = (
+        f"fastest of {TIMING_REPEATS} UNet passes on {device.type} {str(dtype).split('.')[-1]}, "
+        + "; ".join(how)
+    )
+    return out
+
+
+def describe_time(plan: Plan, per_nfe: dict) -> str:
+    """The UNet time the plan implies, from `measure_unet`'s seconds per evaluation."""
+    est = estimate_nfe(plan)
+    invert = est["invert_max"] * per_nfe["invert"]
+    generate = est["generate"] * per_nfe["generate"]
+    actors = max(plan.config.invert.resources.num_actors, plan.config.generate.resources.num_actors)
+    spread = (
+        f"; {actors} actors on separate devices divide it by up to {actors}" if actors > 1 else ""
+    )
+    return (
+        f"time (estimate, UNet evaluations only, one actor): inversion <= {invert:.0f} s, "
+        f"generation {generate:.0f} s, about {(invert + generate) / 60:.1f} min{spread} "
+        f"(measured: {per_nfe['how']})"
+    )
 
 
 def describe_plan(plan: Plan) -> list[str]:
@@ -243,56 +347,124 @@ def run_inversion(plan: Plan, runner, out: Path, timings: dict, nodes: set) -> d
     return tables
 
 
-def run_walks(plan: Plan, seeds: dict[int, list[dict]], out: Path) -> dict[int, list[dict]]:
-    """Walk rows per class: reused from walks/ when there, else sampled and written."""
+def run_walks(plan: Plan, seeds: dict[int, list[dict]], out: Path) -> ShardSlots:
+    """Every class's walk rows, in parts of `walk.chunk_rows` rows (walks/class_NNNN/part_NNNNN):
+    parts already there are reused, the missing ones computed and written one at a time (each
+    atomically), so memory holds one part whatever the quota. Returns the slots of all classes,
+    read from walks/ as each shard needs them."""
     cfg = plan.config
-    gen = cfg.generate
-    walks = {}
+    gen, chunk = cfg.generate, cfg.walk.chunk_rows
+    counts = {}
     for p in plan.plans:
-        path = walks_path(out, p.class_index)
-        if path.is_file():
-            walks[p.class_index] = read_walks(path)
+        count = p.to_generate * cfg.filter.pool
+        counts[p.class_index] = count
+        parts = -(-count // chunk)
+        missing = missing_parts(out, p.class_index, count, chunk)
+        if not missing:
             continue
         rows = seeds[p.class_index]
         keys = [r["key"] for r in rows]
         stacked = np.stack([r["seed"] for r in rows]) if rows else np.zeros((0,))
-        new = make_walks(
+        walks = ClassWalks(
             p.class_index,
             p.class_name,
             stacked,
             keys,
-            p.to_generate * cfg.filter.pool,
+            count,
             cfg.walk,
             plan.config_hash,
             plan.model["latent_shape"],
         )
-        table = [
-            {
-                **w,
-                "class_index": p.class_index,
-                "class_name": p.class_name,
-                "prompt": p.prompt,
-                "guidance_scale": gen.guidance_scale,
-                "num_inference_steps": gen.num_inference_steps,
-                "model": cfg.model.path,
-                "model_hash": plan.model["model_hash"],
-            }
-            for w in new
-        ]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_walks(path, table)
-        walks[p.class_index] = read_walks(path)
+        columns = {
+            "class_index": p.class_index,
+            "class_name": p.class_name,
+            "prompt": p.prompt,
+            "guidance_scale": gen.guidance_scale,
+            "num_inference_steps": gen.num_inference_steps,
+            "model": cfg.model.path,
+            "model_hash": plan.model["model_hash"],
+        }
+        for k in missing:
+            part = walks.rows(k * chunk, min(count, (k + 1) * chunk))
+            write_walks(walk_part_path(out, p.class_index, k), [{**w, **columns} for w in part])
+        reused = f", {parts - len(missing)} part(s) reused" if len(missing) < parts else ""
         log(
-            f"walk: class {p.class_name!r}: {len(new)} new seeds from {len(keys)} sources ({cfg.walk.method})"
+            f"walk: class {p.class_name!r}: {count} new seeds from {len(keys)} sources "
+            f"({cfg.walk.method}) in {parts} part(s) of at most {chunk} rows{reused}"
         )
-    return walks
+
+    def read(class_index: int, start: int, stop: int) -> list[dict]:
+        return read_walk_range(out, class_index, chunk, start, stop)
+
+    return ShardSlots(counts, cfg.filter.pool, read)
+
+
+def missing_parts(out: Path, class_index: int, count: int, chunk: int) -> list[int]:
+    """The parts of a class's walks still to write. A part holds its rows by their positions (in
+    the keys), so parts written with another walk.chunk_rows are noticed: the class's parts are then
+    removed and all rewritten (the rows do not depend on the part size)."""
+    import pyarrow.parquet as pq
+
+    folder = walks_dir(out, class_index)
+    parts = -(-count // chunk)
+    present = sorted(folder.glob("part_*.parquet")) if folder.is_dir() else []
+    expected = {walk_part_path(out, class_index, k) for k in range(parts)}
+    for path in present:
+        k = int(path.stem.split("_")[1])
+        want = list(range(k * chunk, min(count, (k + 1) * chunk)))
+        got = [walk_position(str(key)) for key in pq.read_table(path, columns=["key"])["key"]]
+        if path not in expected or got != want:
+            log(
+                f"walk: {folder} holds parts of another size than walk.chunk_rows={chunk}; "
+                f"its {len(present)} part(s) are rewritten"
+            )
+            for stale in present:
+                stale.unlink()
+            return list(range(parts))
+    return [k for k in range(parts) if not walk_part_path(out, class_index, k).is_file()]
+
+
+def read_walk_range(out: Path, class_index: int, chunk: int, start: int, stop: int) -> list[dict]:
+    """A class's walk rows start .. stop - 1, from the parts that hold them."""
+    rows = []
+    for k in range(start // chunk, -(-stop // chunk)):
+        lo = k * chunk
+        rows += read_walks(walk_part_path(out, class_index, k), max(start, lo) - lo, stop - lo)
+    if len(rows) != stop - start:
+        raise UserError(
+            f"{walks_dir(out, class_index)}: {len(rows)} walk rows where {stop - start} were "
+            f"expected (rows {start}..{stop - 1}); delete the folder's walks/ to redo them"
+        )
+    return rows
+
+
+# The most bytes of walk seeds that the driver builds into shard units and hands to the runner
+# at once: generation then holds a bounded window of shards, whatever the quota (each window is
+# one runner call; on Ray, one set of actor pools).
+UNITS_IN_FLIGHT_BYTES = 256 * 2**20
+
+
+def shard_window(plan: Plan) -> int:
+    """Shards per runner call: as many as UNITS_IN_FLIGHT_BYTES of their seeds allow, at least 1."""
+    cfg = plan.config
+    seed_bytes = int(np.prod(plan.model["latent_shape"])) * 4
+    shard_bytes = cfg.shards.samples_per_shard * cfg.filter.pool * seed_bytes
+    return max(1, UNITS_IN_FLIGHT_BYTES // shard_bytes)
+
+
+def run_windows(runner, shards: list[int], unit_of, stages, window: int, progress=None):
+    """runner.run over `shards` in windows of `window` shards, each unit built only for its window."""
+    for start in range(0, len(shards), window):
+        units = {s: unit_of(s) for s in shards[start : start + window]}
+        yield from runner.run(units, stages, progress=progress)
 
 
 def run_generation(
-    plan: Plan, slots: list[list[dict]], runner, out: Path, timings: dict, nodes: set
+    plan: Plan, slots: ShardSlots, runner, out: Path, timings: dict, nodes: set
 ) -> int:
     """Generate (and filter) and write every shard that is not done yet; returns the number of
-    shards. A shard is `samples_per_shard` slots, each of `filter.pool` candidates."""
+    shards. A shard is `samples_per_shard` slots, each of `filter.pool` candidates, read from
+    walks/ only when its window of shards is handed to the runner."""
     cfg = plan.config
     per = cfg.shards.samples_per_shard
     num_shards = (len(slots) + per - 1) // per
@@ -304,7 +476,10 @@ def run_generation(
     def meta(row: dict) -> str:
         return provenance(row, inversion, plan.config_hash, knobs)
 
-    units = {}
+    def unit_of(s: int) -> dict:
+        return GenerateStage.unit(s, slots[s * per : (s + 1) * per], meta)
+
+    units = []
     for s in range(num_shards):
         done, why = shard_status(shards_dir, s)
         if done:
@@ -313,7 +488,7 @@ def run_generation(
         if stats.exists():  # a done-marker that does not hold: never trusted again
             log(f"generate: shard {s:05d} is redone: {why}", logging.WARNING)
             stats.unlink()
-        units[s] = GenerateStage.unit(s, slots[s * per : (s + 1) * per], meta)
+        units.append(s)
     done_before = num_shards - len(units)
     if done_before:
         log(f"generate: {done_before}/{num_shards} shards already done, skipped")
@@ -321,12 +496,14 @@ def run_generation(
         return num_shards
     t0 = time.perf_counter()
     finished = done_before
+    stages = shard_stages(cfg, shards_dir)
     # the bar counts images generated (with the filter on, every candidate of the pool)
-    images = {s: len(unit["key"]) for s, unit in units.items()}
-    total = sum(len(slot) for slot in slots)
-    with console.StageBar("generate", total, initial=total - sum(images.values())) as bar:
-        for res in runner.run(units, shard_stages(cfg, shards_dir), progress=bar.within):
-            bar.finished(res.unit, images[res.unit])
+    todo = {s: slots.size(s * per, (s + 1) * per) for s in units}
+    total = sum(slots.rows.values())
+    with console.StageBar("generate", total, initial=total - sum(todo.values())) as bar:
+        windows = run_windows(runner, units, unit_of, stages, shard_window(plan), bar.within)
+        for res in windows:
+            bar.finished(res.unit, todo[res.unit])
             finished += 1
             nodes.update(res.node_id.split(","))
             skipped = json.loads(str(res.batch["skipped"][0]))
@@ -426,7 +603,11 @@ def finalize(
     }
 
 
-def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False) -> dict:
+def run(
+    config: AugmentConfig, address: str | None = None, dry_run: bool = False, timing: bool = True
+) -> dict:
+    """The augment job. A dry run prints the plan, its UNet evaluations, space and (unless
+    `timing` is off, or the run goes to a cluster) the time measured from a few UNet passes."""
     started = time.perf_counter()
     timings: dict = {}
     plan = make_plan(config)
@@ -435,6 +616,13 @@ def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False
     log(f"config {config.name} (hash {plan.config_hash}), model {config.model.path}, output {out}")
     for line in describe_plan(plan):
         log(line)
+    if plan.listing.integer_labels() and not config.dataset.class_names:
+        example = prompt_for(next(iter(plan.classes.values())), config.select)
+        log(
+            f"note: the dataset's labels are integers and dataset.class_names is not set, so "
+            f"prompts use the raw labels ({example!r}); name the classes with "
+            f"dataset.class_names (a mapping or a file) for prompts the model understands"
+        )
     check_paths(config, out)
     if not plan.counts or not sum(plan.counts.values()):
         raise UserError(
@@ -459,8 +647,20 @@ def run(config: AugmentConfig, address: str | None = None, dry_run: bool = False
         f"{space['free'] / 1e9:.1f} GB free on the output disk"
     )
     if dry_run:
-        log("dry run: stopping before any model work")
-        return {"dry_run": True, "estimate": estimate_nfe(plan)}
+        per_nfe = None
+        if not timing:
+            log("time: not measured (--no-timing)")
+        elif not local:
+            log(
+                "time: not measured: the run goes to a Ray cluster, whose devices are not timed here"
+            )
+        elif not plan.plans:
+            log("time: nothing to generate")
+        else:
+            per_nfe = measure_unet(plan)
+            log(describe_time(plan, per_nfe))
+        log("dry run: stopping before any inversion or generation")
+        return {"dry_run": True, "estimate": estimate_nfe(plan), "seconds_per_nfe": per_nfe}
     with folder_lock(out):
         return _run_locked(config, plan, out, address, timings, started)
 
@@ -496,8 +696,10 @@ def check_paths(config: AugmentConfig, out: Path) -> None:
 
 
 def check_space(plan: Plan, out: Path) -> dict:
-    """Bytes the plan's walks and shards take at most, against the output disk's free space and
-    the memory one class's walks take at once; a plan that cannot fit is refused before any work."""
+    """Bytes the plan's walks and shards take at most, against the output disk's free space, and
+    the memory that one part of walks (`walk.chunk_rows` seeds) and one window of shard units take
+    at once; a plan that cannot fit is refused before any work. Memory does not grow with the
+    quota: walks are made, stored and read in parts."""
     import shutil
 
     cfg = plan.config
@@ -516,14 +718,16 @@ def check_space(plan: Plan, out: Path) -> dict:
             f"output disk ({probe}) has {free / 1e9:.1f} GB free; lower select.quota or "
             f"filter.pool_factor, or use another output_dir"
         )
-    largest = max((p.to_generate for p in plan.plans), default=0) * cfg.filter.pool
+    part = cfg.walk.chunk_rows * latent * 4 * 3  # a part's seeds, with their working copies
+    window = shard_window(plan) * cfg.shards.samples_per_shard * cfg.filter.pool * latent * 4
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if largest * latent * 4 * 3 > memory:  # a class's walks, with their working copies
+    if part + window > memory:
         raise UserError(
-            f"one class's {largest} walk seeds would need about {largest * latent * 12 / 1e9:.1f} "
-            f"GB of memory, more than this machine's {memory / 1e9:.1f} GB; lower select.quota"
+            f"one part of walks (walk.chunk_rows={cfg.walk.chunk_rows} seeds) and one window of "
+            f"shards would need about {(part + window) / 1e9:.1f} GB of memory, more than this "
+            f"machine's {memory / 1e9:.1f} GB; lower walk.chunk_rows or shards.samples_per_shard"
         )
-    return {"walks": walks, "shards": shards, "free": free}
+    return {"walks": walks, "shards": shards, "free": free, "memory": part + window}
 
 
 def identity(plan: Plan) -> dict:
@@ -571,7 +775,7 @@ def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: 
         seeds = run_inversion(plan, runner, out, timings, nodes)
         running = json.loads((out / "run.json").read_text())
         atomic_write(out / "run.json", dumps({**running, "health": plan.health}))
-        walks = run_walks(plan, seeds, out)
+        slots = run_walks(plan, seeds, out)
         if config.filter.enabled:
             plan.filter = prepare_filter(
                 config.filter,
@@ -581,7 +785,6 @@ def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: 
                 out / "filter",
                 log,
             )
-        slots = shard_slots(walks, config.filter.pool)
         num_shards = run_generation(plan, slots, runner, out, timings, nodes)
     finally:
         runner.shutdown()
@@ -600,51 +803,29 @@ def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: 
     return report
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "augment", help="augment the rare classes of a dataset (see configs/)"
-    )
-    p.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set select.quota=60 (repeatable)",
-    )
-    p.add_argument(
-        "--dry-run", action="store_true", help="print the plan and estimated cost, then stop"
-    )
-    p.add_argument(
-        "--ray-address", default="", help="a Ray cluster: http://HOST:8265 submits a Ray job"
-    )
-    console.add_flags(p, at_top=False)
-    p.set_defaults(func=main_args)
-
-
 def main_args(args) -> int:
-    config = load_config(args.config, args.overrides)
+    path = args.config or default_config()
+    config = load_config(path, args.overrides)
     if args.ray_address.startswith("http"):
         from tailseed.jobs.submit import submit
 
         return submit(
-            args.config,
+            path,
             args.overrides,
             args.ray_address,
             dry_run=args.dry_run,
             verbosity=getattr(args, "verbosity", None),
         )
-    run(config, address=args.ray_address or None, dry_run=args.dry_run)
+    run(config, address=args.ray_address or None, dry_run=args.dry_run, timing=args.timing)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.augment", description=__doc__.splitlines()[0]
+        prog="python -m tailseed.jobs.augment", description=__doc__.splitlines()[0]
     )
     sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
+    add_augment(sub)
     args = parser.parse_args(["augment", *(argv if argv is not None else sys.argv[1:])])
     console.configure(getattr(args, "verbosity", None))
     return guarded("augment", main_args, args)

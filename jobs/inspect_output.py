@@ -66,6 +66,16 @@ def summarize(out: Path) -> list[str]:
                 f"  inversion: {len(rows)} seeds, reconstruction PSNR mean {sum(psnr) / len(psnr):.2f} dB "
                 f"(min {min(psnr):.2f}), {sum(nfe) / max(1, len(nfe)):.0f} UNet evaluations per image"
             )
+    walks = sorted((out / "walks").glob("class_*/part_*.parquet"))
+    if walks:
+        import pyarrow.parquet as pq
+
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in walks)  # footers only
+        classes = len({p.parent.name for p in walks})
+        lines.append(
+            f"  walks: {rows} walk seeds of {classes} class(es) in {len(walks)} part(s) "
+            f"(walks/class_NNNN/part_NNNNN.parquet; `tailseed generate --seeds` takes a class's folder)"
+        )
     t = run.get("timings", {})
     lines.append("  time: " + ", ".join(f"{k} {v}" for k, v in t.items()))
     lines.append(
@@ -74,7 +84,6 @@ def summarize(out: Path) -> list[str]:
     return lines
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("inspect", help="summarise an augment output folder")
-    p.add_argument("out", type=Path)
-    p.set_defaults(func=lambda args: print("\n".join(summarize(args.out))) or 0)
+def main_args(args) -> int:
+    print("\n".join(summarize(args.out)))
+    return 0

@@ -11,70 +11,6 @@ import numpy as np
 from tailseed.jobs import console
 from tailseed.pipeline.errors import UserError
 
-DEFAULT_MODEL = "models/tiny-digits"
-
-
-def _solver_flags(parser) -> None:
-    """One flag per InversionConfig field, with its default and help: the solver's settings are
-    the command line's, so a new one needs no change here."""
-    import dataclasses
-    import typing
-
-    from tailseed.pipeline.inversion import SOLVERS, InversionConfig
-
-    hints = typing.get_type_hints(InversionConfig)
-    for f in dataclasses.fields(InversionConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = {"type": hints[f.name], "default": f.default}
-        if f.name == "method":
-            kwargs["choices"] = list(SOLVERS)
-        if f.name == "num_inference_steps":
-            flag = ("--steps", flag)
-        help_text = f.metadata.get("help", "")
-        parser.add_argument(
-            *(flag if isinstance(flag, tuple) else (flag,)),
-            dest=f.name,
-            help=f"{help_text} (default: %(default)s)",
-            **kwargs,
-        )
-
-
-def add_parser(subparsers) -> None:
-    """Register the `invert` and `generate` subcommands."""
-    inv = subparsers.add_parser(
-        "invert",
-        help="invert images into noise seeds (a seeds Parquet file)",
-        description="Invert images into noise seeds with fixed-point inversion, with the same "
-        "defaults as `tailseed augment` (configs/default.yaml). Each image's key is its file "
-        "stem with characters outside [A-Za-z0-9_-] replaced by '_'.",
-    )
-    inv.add_argument("images", nargs="+", metavar="IMAGE", help="image files (RGB, square)")
-    inv.add_argument("--model", default=DEFAULT_MODEL, help="diffusers folder or hub id")
-    inv.add_argument("--prompt", required=True, help="the prompt that describes the images")
-    inv.add_argument("--out", required=True, type=Path, help="seeds Parquet file to write")
-    inv.add_argument("--class-index", type=int, default=None, help="class index of the images")
-    inv.add_argument("--class-name", default=None, help="class name (default: from the card)")
-    _solver_flags(inv)
-    inv.add_argument("--noise-seed", type=int, default=0, help="base seed of the adjustment noise")
-    inv.add_argument("--batch-size", type=int, default=16, help="images per inversion batch")
-    inv.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
-    console.add_flags(inv, at_top=False)
-    inv.set_defaults(func=run_invert)
-
-    gen = subparsers.add_parser(
-        "generate",
-        help="generate images from a seeds (or walks) Parquet file",
-        description="Regenerate DIR/<key>.png from each row's seed, prompt, guidance and steps.",
-    )
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="diffusers folder or hub id")
-    gen.add_argument("--seeds", required=True, type=Path, help="seeds or walks Parquet file")
-    gen.add_argument("--out", required=True, type=Path, help="folder for <key>.png")
-    gen.add_argument("--batch-size", type=int, default=16)
-    gen.add_argument("--device", default="auto")
-    console.add_flags(gen, at_top=False)
-    gen.set_defaults(func=run_generate)
-
-
 # ----------------------------------------------------------------------------------------------
 # invert
 
@@ -202,54 +138,61 @@ def run_generate(args) -> int:
 
     from tailseed.pipeline.inversion import Sampler
     from tailseed.pipeline.models import ModelSpec, load_pipeline
-    from tailseed.pipeline.seed_table import read_seeds
+    from tailseed.pipeline.seed_table import check_keys, parquet_files, read_seeds
 
-    if not args.seeds.is_file():
-        raise UserError(f"seeds file {args.seeds}: no such file")
+    files = parquet_files(args.seeds)  # a seeds or walks file, or a run's walks/class_NNNN/
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    rows = read_seeds(args.seeds)  # checks keys: valid and unique
+    # 1. check every row before any model work, one file at a time (a run's walks may be large)
+    keys, shapes, hashes = [], {}, set()
+    for path in files:
+        for r in read_seeds(path):  # checks keys: valid and unique within the file
+            keys.append(r["key"])
+            shapes.setdefault(tuple(r["shape"]), (path, r["key"]))
+            hashes.add(r["model_hash"])
+    check_keys(keys, where=str(args.seeds))
     pipe, info = load_pipeline(ModelSpec(path=args.model, device=args.device))
     latent_shape = (
         int(pipe.unet.config.in_channels),
         int(pipe.unet.config.sample_size),
         int(pipe.unet.config.sample_size),
     )
-    for r in rows:
-        if tuple(r["shape"]) != latent_shape:
+    for shape, (path, key) in shapes.items():
+        if shape != latent_shape:
             raise UserError(
-                f"seeds file {args.seeds}: row {r['key']!r} has a seed of shape {r['shape']}, "
+                f"seeds file {path}: row {key!r} has a seed of shape {shape}, "
                 f"the model {args.model!r} takes {latent_shape}"
             )
-    hashes = sorted({r["model_hash"] for r in rows} - {info["model_hash"]})
-    if hashes:
+    other = sorted(hashes - {info["model_hash"]})
+    if other:
         print(
-            f"tailseed generate: warning: seeds were made with model hash {', '.join(hashes)}, "
+            f"tailseed generate: warning: seeds were made with model hash {', '.join(other)}, "
             f"generating with {info['model_hash']}",
             file=sys.stderr,
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    # Rows that share sampler settings run together, in file order within each group.
-    groups: dict[tuple[float, int], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((float(r["guidance_scale"]), int(r["num_inference_steps"])), []).append(r)
     sampler = Sampler(pipe)
-    batches = [
-        (guidance, steps, group[start : start + args.batch_size])
-        for (guidance, steps), group in groups.items()
-        for start in range(0, len(group), args.batch_size)
-    ]
-    with console.StageBar("generate", total=len(rows)) as bar:
-        for unit, (guidance, steps, part) in enumerate(batches):
-            images = sampler.generate(
-                np.stack([r["seed"] for r in part]),
-                [r["prompt"] for r in part],
-                guidance,
-                steps,
-                bar.batch(unit, len(part)),
-            )
-            bar.finished(unit, len(part))
-            for r, image in zip(part, images):
-                Image.fromarray(image).save(args.out / f"{r['key']}.png")
-    console.log(f"wrote {len(rows)} images to {args.out}", console.SUMMARY, prefix="")
+    # 2. per file, rows that share sampler settings run together, in file order within each group
+    with console.StageBar("generate", total=len(keys)) as bar:
+        unit = 0
+        for path in files:
+            groups: dict[tuple[float, int], list[dict]] = {}
+            for r in read_seeds(path):
+                settings = (float(r["guidance_scale"]), int(r["num_inference_steps"]))
+                groups.setdefault(settings, []).append(r)
+            for (guidance, steps), group in groups.items():
+                for start in range(0, len(group), args.batch_size):
+                    part = group[start : start + args.batch_size]
+                    images = sampler.generate(
+                        np.stack([r["seed"] for r in part]),
+                        [r["prompt"] for r in part],
+                        guidance,
+                        steps,
+                        bar.batch(unit, len(part)),
+                    )
+                    bar.finished(unit, len(part))
+                    unit += 1
+                    for r, image in zip(part, images):
+                        Image.fromarray(image).save(args.out / f"{r['key']}.png")
+    console.log(f"wrote {len(keys)} images to {args.out}", console.SUMMARY, prefix="")
     return 0

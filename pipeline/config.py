@@ -21,9 +21,26 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+@dataclasses.dataclass(frozen=True)
+class CommandLineValue:
+    """A `--set` value that YAML read as something other than a string, with the text typed: a
+    string field takes the text as typed (`--set name=2024`, `--set model.revision=0123456`, which
+    YAML would read as the octal number 42798, `--set dataset.materialize=` the empty string),
+    any other field the parsed value."""
+
+    value: Any
+    text: str
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp` (after YAML parsing) and convert where lossless."""
     origin = typing.get_origin(tp)
+    if isinstance(value, CommandLineValue):
+        if tp is str:
+            return value.text
+        union = origin in (typing.Union, types.UnionType)
+        if not union or (value.value is None and type(None) in typing.get_args(tp)):
+            value = value.value  # a union tries each of its types with the text kept
     args = typing.get_args(tp)
     if tp is Any:
         return value
@@ -75,6 +92,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, int | float | bool):
+            raise UserError(
+                f"{where}: expected a string, got {value!r} (YAML reads an unquoted {value!r} as "
+                f'a {type(value).__name__}); quote it, e.g. {where.rsplit(".", 1)[-1]}: "..."'
+            )
         raise UserError(f"{where}: expected a string, got {value!r}")
     raise TypeError(f"{where}: unsupported annotation {tp}")
 
@@ -116,13 +138,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise UserError(f"--set {item!r}: {part} is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0]
             raise UserError(
                 f"--set {item!r}: the value is not valid YAML ({first}); quote it, e.g. "
                 f"--set '{key}=\"{raw}\"'"
             ) from exc
+        scalar = not isinstance(value, str | list | dict)  # `key=` (empty) is None to YAML
+        node[parts[-1]] = CommandLineValue(value, raw.strip()) if scalar else value
     return data
 
 

@@ -36,6 +36,17 @@ class Listing:
     classes: dict[int, str]  # class index -> class name
     records: list[Record]
     skipped: Counter = field(default_factory=Counter)
+    # class index -> the dataset's own label (folder name, label value), where class names were
+    # given by dataset.class_names; empty when the names are the labels
+    labels: dict[int, str] = field(default_factory=dict)
+
+    def label_of(self, class_index: int) -> str:
+        return self.labels.get(class_index, self.classes[class_index])
+
+    def integer_labels(self) -> bool:
+        """Whether the classes are named by bare integers (the labels of a .cls or Parquet
+        dataset, or folders named 0, 1, ...): their prompts would be "a photo of a 3"."""
+        return bool(self.classes) and all(n.lstrip("-").isdigit() for n in self.classes.values())
 
     def counts(self) -> dict[int, int]:
         counts = {c: 0 for c in self.classes}
@@ -295,3 +306,58 @@ def _parquet_cell(path: str, row: int, column: str) -> bytes:
     if not isinstance(value, bytes):
         raise SkipSample("not_image_bytes", f"column {column!r} holds {type(value).__name__}")
     return value
+
+
+def read_class_names(value: dict | str, config_dir: Path | None = None) -> dict[str, str]:
+    """dataset.class_names as {label text: class name}: a mapping, or a file (.json or .yaml
+    mapping; .txt: one name per line, line i naming label i)."""
+    if isinstance(value, dict):
+        names = {str(k): v for k, v in value.items()}
+    else:
+        import yaml
+
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f"dataset.class_names {path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"dataset.class_names {path}: unreadable ({exc})") from None
+        if path.suffix == ".txt":
+            names = {str(i): line.strip() for i, line in enumerate(text.splitlines())}
+        else:
+            try:
+                loaded = yaml.safe_load(text)  # JSON is YAML
+            except yaml.YAMLError as exc:
+                raise UserError(f"dataset.class_names {path}: not JSON or YAML ({exc})") from None
+            if not isinstance(loaded, dict):
+                raise UserError(
+                    f"dataset.class_names {path}: expected a mapping of label -> name; or a .txt "
+                    f"file with one name per line"
+                )
+            names = {str(k): v for k, v in loaded.items()}
+    bad = [k for k, v in names.items() if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise UserError(f"dataset.class_names: label {bad[0]!r} has no name (a non-empty string)")
+    return {k: v.strip() for k, v in names.items()}
+
+
+def name_classes(listing: Listing, names: dict[str, str]) -> Listing:
+    """The listing with its classes named by `names` (label text -> name); every label of the
+    dataset needs a name, and two labels may not share one."""
+    missing = [lab for lab in listing.classes.values() if lab not in names]
+    if missing:
+        raise UserError(
+            f"dataset.class_names: no name for label {missing[0]!r} ({len(missing)} of the "
+            f"dataset's {len(listing.classes)} labels have none); name every label"
+        )
+    renamed = {c: names[lab] for c, lab in listing.classes.items()}
+    taken: dict[str, str] = {}
+    for c, name in renamed.items():
+        if name in taken:
+            raise UserError(
+                f"dataset.class_names: labels {taken[name]!r} and {listing.classes[c]!r} are both "
+                f"named {name!r}; give each class its own name"
+            )
+        taken[name] = listing.classes[c]
+    return Listing(listing.format, renamed, listing.records, listing.skipped, dict(listing.classes))

@@ -64,7 +64,13 @@ def _local_folder(path: str) -> Path | None:
     for candidate in (Path(path), REPO_ROOT / path):
         if candidate.exists():
             return candidate
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(path).suffix
+    first = Path(path).parts[0] if Path(path).parts else ""
+    looks_local = (
+        path.startswith((".", "/", "~"))
+        or path.count("/") != 1
+        or Path(path).suffix
+        or any((base / first).is_dir() for base in (Path("."), REPO_ROOT))  # models/nothere
+    )
     if looks_local:
         raise ModelError(
             f"model {path!r}: no such folder. Expected a diffusers StableDiffusionPipeline folder "

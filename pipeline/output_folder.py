@@ -188,5 +188,11 @@ def seeds_path(out: Path, class_index: int) -> Path:
     return out / "seeds" / f"class_{class_index:04d}.parquet"
 
 
-def walks_path(out: Path, class_index: int) -> Path:
-    return out / "walks" / f"class_{class_index:04d}.parquet"
+def walks_dir(out: Path, class_index: int) -> Path:
+    """The folder of one class's walk rows, written in parts of `walk.chunk_rows` rows."""
+    return out / "walks" / f"class_{class_index:04d}"
+
+
+def walk_part_path(out: Path, class_index: int, part: int) -> Path:
+    """Part `part` of a class's walks: its rows part * chunk_rows .. (part + 1) * chunk_rows - 1."""
+    return walks_dir(out, class_index) / f"part_{part:05d}.parquet"

@@ -1,6 +1,7 @@
 """The seeds and walks Parquet tables of DESIGN.md's "Contracts": schemas, keys, writing and reading.
 
-A seeds row is one inverted image: its key, class, prompt, the seed as a flat float32 list with its
+A run writes a class's walks in parts of bounded rows (walks/class_NNNN/part_NNNNN.parquet), each
+a walks table of its own. A seeds row is one inverted image: its key, class, prompt, the seed as a flat float32 list with its
 shape, the sampler settings that regenerate it, the model and the reconstruction measures. A walks
 row is the same for a generated sample's seed, plus the source keys, weights and walk method.
 Writing is deterministic: the same rows give the same bytes (fixed schema, no timestamps, no pandas
@@ -209,7 +210,9 @@ def _write(table: pa.Table, path: str | Path) -> None:
         raise
 
 
-def _read(path: str | Path, schema: pa.Schema, what: str) -> list[dict]:
+def _read(
+    path: str | Path, schema: pa.Schema, what: str, start: int = 0, stop: int | None = None
+) -> list[dict]:
     try:
         table = pq.read_table(str(path))
     except (OSError, pa.ArrowInvalid) as exc:
@@ -217,6 +220,8 @@ def _read(path: str | Path, schema: pa.Schema, what: str) -> list[dict]:
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise UserError(f"{what} {path}: missing column(s) {', '.join(missing)}")
+    stop = table.num_rows if stop is None else min(stop, table.num_rows)
+    table = table.slice(start, max(0, stop - start))
     rows = table.select([f.name for f in schema]).to_pylist()
     check_keys([r["key"] for r in rows], where=f"{what} {path}")
     for r in rows:
@@ -265,6 +270,21 @@ def read_seeds(path: str | Path) -> list[dict]:
     return _read(path, SEEDS_SCHEMA, "seeds file")
 
 
-def read_walks(path: str | Path) -> list[dict]:
-    """Rows of a walks Parquet file, as `read_seeds` plus sources, weights, method."""
-    return _read(path, WALKS_SCHEMA, "walks file")
+def read_walks(path: str | Path, start: int = 0, stop: int | None = None) -> list[dict]:
+    """Rows of a walks Parquet file, as `read_seeds` plus sources, weights, method; rows start ..
+    stop - 1 only, when given (the others are never converted)."""
+    return _read(path, WALKS_SCHEMA, "walks file", start, stop)
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    """A Parquet file, or the Parquet files of a folder in name order (a run's walks of one class,
+    walks/class_NNNN/, are its parts part_NNNNN.parquet)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise UserError(f"{path}: a folder without Parquet files")
+        return files
+    if not path.is_file():
+        raise UserError(f"seeds file {path}: no such file")
+    return [path]

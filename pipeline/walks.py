@@ -15,6 +15,11 @@ Plan, for every method:
    of all N seeds and of random distinct subsets of about half of them, and points on the NAO legs
    from each seed of a subset to its centroid; the rest to NAO paths between pairs. Paths keep the
    pairwise variety; centroids are more generic images of the class (SeedSelect #12).
+
+`plan_walks` makes every random draw of these steps and keeps only what grows with N (pairs,
+subsets, each leg's count) and the generator states where the positions start; `WalkPlan.seeds`
+computes any range of the K seeds from it, replaying the positions with PCG64's jump-ahead, so a
+huge K is made in bounded parts, bitwise as `sample_walks` makes it whole.
 """
 
 from __future__ import annotations
@@ -73,20 +78,35 @@ def sample_walks(
     seeds: (N, C, h, w) float32 numpy array or tensor (or a sequence of N (C, h, w) arrays), keyed
     by `keys` (N unique strings). method: "lerp", "slerp" or "nao". Raises UserError, naming the
     class and keys, for seeds of different shapes, fewer than two distinct seeds, or non-finite seeds.
+    All at once: `plan_walks(...).seeds(start, stop)` gives the same seeds a range at a time.
+    """
+    plan = plan_walks(seeds, keys, count, method, rng_seed, class_name)
+    return plan.seeds(0, count)
+
+
+def plan_walks(
+    seeds: np.ndarray,
+    keys: list[str],
+    count: int,
+    method: str = "nao",
+    rng_seed: int = 0,
+    class_name: str = "",
+) -> WalkPlan:
+    """The plan of `sample_walks` (its arguments and checks), before any seed is computed.
+
+    Every random draw is made here or replayed from a saved generator state, so the plan's size
+    depends on the number of seeds N (pairs, centroid subsets), not on `count`; `WalkPlan.seeds`
+    then computes any range of the `count` seeds, bitwise as `sample_walks` returns them.
     """
     x = _validated(seeds, keys, count, method, class_name)
-    if count == 0:
-        return []
     rng = np.random.default_rng(rng_seed)
     # 1. split the count between pair walks and centroid walks
     n_centroid = int(count * CENTROID_SHARE) if method == "nao" and len(keys) >= 3 else 0
     # 2. pair walks: which pairs, how many seeds on each, where
-    plan = _pair_plan(x, count - n_centroid, rng, class_name, keys)
-    out = _pair_walks(x, keys, plan, method)
+    pairs = _PairPlan.draw(x, count - n_centroid, rng, class_name, list(keys))
     # 3. centroid walks: which subsets, which legs, where
-    if n_centroid:
-        out += _centroid_walks(x, keys, n_centroid, rng)
-    return out
+    centroids = _CentroidPlan.draw(x, n_centroid, rng) if n_centroid else None
+    return WalkPlan(x, list(keys), method, count, pairs, centroids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,60 +153,233 @@ def _validated(seeds, keys, count, method, class_name) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Pair walks
+# Random draws that can be replayed: a range of a stream of uniforms without the rest
 # --------------------------------------------------------------------------------------------
+
+
+def _uniforms(state: dict, offset: int, n: int) -> np.ndarray:
+    """Uniforms offset .. offset + n - 1 of the stream that `rng.random` draws from `state`.
+
+    PCG64 draws one 64-bit word per double and can jump ahead, so the values are bitwise those
+    of drawing the whole stream in any pieces."""
+    bits = np.random.PCG64()
+    bits.state = state
+    bits.advance(offset)
+    return np.random.Generator(bits).random(n)
+
+
+def _skip_uniforms(rng: np.random.Generator, n: int) -> None:
+    """Move `rng` on as if it had drawn `n` uniforms (keeping its buffered 32-bit half-word)."""
+    before = rng.bit_generator.state
+    rng.bit_generator.advance(n)
+    after = rng.bit_generator.state
+    after["has_uint32"], after["uinteger"] = before["has_uint32"], before["uinteger"]
+    rng.bit_generator.state = after
+
+
+def _stratified_part(m: int, q0: int, q1: int, u: np.ndarray) -> np.ndarray:
+    """Positions q0 .. q1 - 1 of `_stratified(m, rng)`, given their uniforms u (q1 - q0,)."""
+    return MARGIN + (1 - 2 * MARGIN) * (np.arange(m)[q0:q1] + u) / m
 
 
 def _stratified(m: int, rng: np.random.Generator) -> np.ndarray:
     """m positions in [MARGIN, 1 - MARGIN], one uniformly in each of m equal bins -> (m,) float."""
-    u = rng.random(m)
-    return MARGIN + (1 - 2 * MARGIN) * (np.arange(m) + u) / m
+    return _stratified_part(m, 0, m, rng.random(m))
 
 
-def _pair_plan(x, count, rng, class_name, keys) -> list[tuple[int, int, np.ndarray]]:
-    """[(i, j, positions)] for the pairs that get new seeds, in the order they are returned."""
-    pairs = [
-        (i, j)
-        for i, j in itertools.combinations(range(x.shape[0]), 2)
-        if not torch.equal(x[i], x[j])  # equal seeds: every point of the walk is a copy
-    ]
-    if not pairs:
-        raise UserError(
-            f"class {class_name!r}: all seeds are identical ({', '.join(keys)}); walks between them "
-            f"would only copy them"
-        )
-    if count == 0:
-        return []
-    order = rng.permutation(len(pairs))
-    base, extra = divmod(count, len(pairs))
-    plan = []
-    for rank, p in enumerate(order):
-        m = base + (1 if rank < extra else 0)
-        if m:
-            plan.append((*pairs[p], _stratified(m, rng)))
-    return plan
+# --------------------------------------------------------------------------------------------
+# The plan and the seeds of a range
+# --------------------------------------------------------------------------------------------
 
 
-def _pair_walks(x, keys, plan, method) -> list[WalkSeed]:
-    """New seeds on the walks of `plan`, with (1 - t, t) weights."""
-    out: list[WalkSeed] = []
-    name = "nao_path" if method == "nao" else method
-    for start in range(0, len(plan), PAIR_BATCH):
-        chunk = plan[start : start + PAIR_BATCH]
-        a = torch.stack([x[i] for i, _, _ in chunk])  # (P, C, h, w)
-        b = torch.stack([x[j] for _, j, _ in chunk])
-        paths = nao_path(a, b, n=NAO_PATH_POINTS) if method == "nao" else None
-        for p, (i, j, ts) in enumerate(chunk):
-            t = torch.as_tensor(ts, dtype=torch.float32)
-            if method == "lerp":
-                points = lerp(a[p : p + 1], b[p : p + 1], t)[0]
-            elif method == "slerp":
-                points = slerp(a[p : p + 1], b[p : p + 1], t)[0]
+@dataclass
+class _PairPlan:
+    """The pairs that get new seeds, in output order, and how many each; positions are replayed.
+
+    pairs: [(i, j)]; offsets (P + 1,): pair p's seeds are numbers offsets[p] .. offsets[p+1] - 1;
+    state: the generator state where their uniforms start (one per seed, in this order)."""
+
+    pairs: list[tuple[int, int]]
+    offsets: np.ndarray
+    state: dict
+
+    @staticmethod
+    def draw(x, count, rng, class_name, keys) -> _PairPlan:
+        pairs = [
+            (i, j)
+            for i, j in itertools.combinations(range(x.shape[0]), 2)
+            if not torch.equal(x[i], x[j])  # equal seeds: every point of the walk is a copy
+        ]
+        if not pairs:
+            raise UserError(
+                f"class {class_name!r}: all seeds are identical ({', '.join(keys)}); walks between "
+                f"them would only copy them"
+            )
+        if count == 0:
+            return _PairPlan([], np.zeros(1, np.int64), rng.bit_generator.state)
+        order = rng.permutation(len(pairs))
+        base, extra = divmod(count, len(pairs))
+        chosen, counts = [], []
+        for rank, p in enumerate(order):
+            m = base + (1 if rank < extra else 0)
+            if m:
+                chosen.append(pairs[p])
+                counts.append(m)
+        plan = _PairPlan(chosen, np.concatenate([[0], np.cumsum(counts)]), rng.bit_generator.state)
+        _skip_uniforms(rng, count)  # each pair drew its positions here, in this order
+        return plan
+
+
+@dataclass
+class _CentroidPlan:
+    """Centroid walks: the subsets, each one's leg order, and where each leg's uniforms start.
+
+    Slot g of the centroid walks is subset g % S's visit g // S: visit 0 its centroid, visit
+    v >= 1 its leg legs[s][(v - 1) % k], for the ((v - 1) // k)-th time (round-robin, as drawn)."""
+
+    count: int
+    subsets: list[tuple[int, ...]]
+    legs: list[list[int]]
+    # (subset, leg) -> (seeds on it, offset of its first uniform)
+    per_leg: dict[tuple[int, int], tuple[int, int]]
+    state: dict
+
+    @staticmethod
+    def draw(x, count, rng) -> _CentroidPlan:
+        subsets = _subsets(x, count, rng)
+        legs = [rng.permutation(len(s)).tolist() for s in subsets]
+        S = len(subsets)
+        per_leg: dict[tuple[int, int], int] = {}
+        for s, subset in enumerate(subsets):
+            visits = count // S + (1 if s < count % S else 0)
+            on_legs, k = max(0, visits - 1), len(subset)
+            for position, leg in enumerate(legs[s]):
+                m = on_legs // k + (1 if position < on_legs % k else 0)
+                if m:
+                    per_leg[(s, leg)] = m
+        offsets, total = {}, 0
+        for sl, m in sorted(per_leg.items()):  # the order the positions are drawn in
+            offsets[sl] = (m, total)
+            total += m
+        plan = _CentroidPlan(count, subsets, legs, offsets, rng.bit_generator.state)
+        _skip_uniforms(rng, total)
+        return plan
+
+    def slot(self, g: int) -> tuple[int, int, int]:
+        """(subset, leg, visit of that leg) of centroid seed g; leg -1 is the centroid itself."""
+        S = len(self.subsets)
+        s, v = g % S, g // S
+        if v == 0:
+            return s, -1, 0
+        k = len(self.subsets[s])
+        return s, self.legs[s][(v - 1) % k], (v - 1) // k
+
+
+class WalkPlan:
+    """A class's walks before their seeds: `seeds(start, stop)` computes seeds start .. stop - 1.
+
+    Holds the class's N seeds, the pair plan and the centroid plan (sizes grow with N, not with the
+    count), the NAO paths of the last batch of pairs used and, once a centroid seed is asked for,
+    the centroids of all subsets (computed in the batches `sample_walks` uses, so every range gives
+    bitwise the same seeds). Ask for ranges in increasing order to compute each pair batch once.
+    """
+
+    def __init__(self, x, keys, method, count, pairs: _PairPlan, centroids: _CentroidPlan | None):
+        self.x, self.keys, self.method, self.count = x, keys, method, count
+        self.pairs, self.centroids = pairs, centroids
+        self.n_pair = int(pairs.offsets[-1])
+        self._paths: tuple[int, object] | None = None  # (batch index, NaoPaths)
+        self._centroid_results: dict[int, tuple] | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def seeds(self, start: int, stop: int) -> list[WalkSeed]:
+        """Seeds start .. stop - 1 (0 <= start <= stop <= count): pair walks first, then centroids."""
+        if not 0 <= start <= stop <= self.count:
+            raise ValueError(f"range {start}..{stop} is outside 0..{self.count}")
+        out = self._pair_seeds(start, min(stop, self.n_pair))
+        if stop > self.n_pair:
+            out += self._centroid_seeds(max(start, self.n_pair) - self.n_pair, stop - self.n_pair)
+        return out
+
+    # pair walks ------------------------------------------------------------------------------
+
+    def _pair_seeds(self, start: int, stop: int) -> list[WalkSeed]:
+        out: list[WalkSeed] = []
+        if start >= stop:
+            return out
+        offsets = self.pairs.offsets
+        name = "nao_path" if self.method == "nao" else self.method
+        first = int(np.searchsorted(offsets, start, side="right")) - 1
+        for p in range(first, len(self.pairs.pairs)):
+            lo, hi = int(offsets[p]), int(offsets[p + 1])
+            if lo >= stop:
+                break
+            q0, q1 = max(start, lo) - lo, min(stop, hi) - lo
+            u = _uniforms(self.pairs.state, lo + q0, q1 - q0)
+            t = torch.as_tensor(_stratified_part(hi - lo, q0, q1, u), dtype=torch.float32)
+            i, j = self.pairs.pairs[p]
+            a, b = self.x[i : i + 1], self.x[j : j + 1]  # (1, C, h, w)
+            if self.method == "lerp":
+                points = lerp(a, b, t)[0]
+            elif self.method == "slerp":
+                points = slerp(a, b, t)[0]
             else:
-                points = point_at(paths.path[p], paths.t[p], t)
+                paths, row = self._nao_paths(p)
+                points = point_at(paths.path[row], paths.t[row], t)
             for q, tq in enumerate(t.tolist()):
-                out.append(_walk_seed(points[q], (keys[i], keys[j]), (1.0 - tq, tq), name))
-    return out
+                out.append(
+                    _walk_seed(points[q], (self.keys[i], self.keys[j]), (1.0 - tq, tq), name)
+                )
+        return out
+
+    def _nao_paths(self, p: int):
+        """The NAO paths of pair p's batch (PAIR_BATCH pairs in plan order) and p's row in it."""
+        batch = p // PAIR_BATCH
+        if self._paths is None or self._paths[0] != batch:
+            chunk = self.pairs.pairs[batch * PAIR_BATCH : (batch + 1) * PAIR_BATCH]
+            a = torch.stack([self.x[i] for i, _ in chunk])  # (P, C, h, w)
+            b = torch.stack([self.x[j] for _, j in chunk])
+            self._paths = (batch, nao_path(a, b, n=NAO_PATH_POINTS))
+        return self._paths[1], p - batch * PAIR_BATCH
+
+    # centroid walks --------------------------------------------------------------------------
+
+    def _centroid_seeds(self, start: int, stop: int) -> list[WalkSeed]:
+        plan = self.centroids
+        results = self._centroids()
+        out = []
+        for g in range(start, stop):
+            s, leg, visit = plan.slot(g)
+            subset = plan.subsets[s]
+            centroid, paths, ts = results[s]
+            names = tuple(self.keys[i] for i in subset)
+            k = len(subset)
+            if leg < 0:
+                out.append(_walk_seed(centroid, names, (1.0 / k,) * k, "nao_centroid"))
+                continue
+            m, offset = plan.per_leg[(s, leg)]
+            u = _uniforms(plan.state, offset + visit, 1)
+            t = float(_stratified_part(m, visit, visit + 1, u)[0])
+            point = point_at(paths[leg], ts[leg], torch.tensor([t], dtype=torch.float32))[0]
+            weights = tuple((1.0 - t) + t / k if j == leg else t / k for j in range(k))
+            out.append(_walk_seed(point, names, weights, "nao_centroid"))
+        return out
+
+    def _centroids(self) -> dict[int, tuple]:
+        """subset -> (centroid, legs' paths, their positions), one batched call per subset size."""
+        if self._centroid_results is None:
+            subsets = self.centroids.subsets
+            results: dict[int, tuple] = {}
+            for size in sorted({len(s) for s in subsets}, reverse=True):
+                idx = [i for i, s in enumerate(subsets) if len(s) == size]
+                sets = torch.stack([self.x[list(subsets[i])] for i in idx])  # (S, k, C, h, w)
+                res = nao_centroids(sets, n=CENTROID_PATH_POINTS)
+                for r, i in enumerate(idx):
+                    results[i] = (res.centroid[r], res.paths[r], res.t[r])
+            self._centroid_results = results
+        return self._centroid_results
 
 
 def _walk_seed(seed: torch.Tensor, sources, weights, method) -> WalkSeed:
@@ -194,16 +387,13 @@ def _walk_seed(seed: torch.Tensor, sources, weights, method) -> WalkSeed:
     return WalkSeed(seed=array, sources=tuple(sources), weights=tuple(weights), method=method)
 
 
-# --------------------------------------------------------------------------------------------
-# Centroid walks
-# --------------------------------------------------------------------------------------------
-
-
 def _subsets(x: torch.Tensor, needed: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
     """The full set first, then distinct random subsets of about half the seeds (at least 2).
 
     Stops once the subsets offer `needed` slots (a centroid and one point per leg each) or none are
     left. Members are in input order. A subset of equal seeds is skipped: its centroid is a copy.
+    Random draws (when there are many subsets) are made one at a time and the rest skipped after,
+    so the generator ends where drawing all 4 * needed of them at once would leave it.
     """
     n_seeds = x.shape[0]
     subsets = [tuple(range(n_seeds))]
@@ -211,12 +401,21 @@ def _subsets(x: torch.Tensor, needed: int, rng: np.random.Generator) -> list[tup
     if k >= n_seeds:
         return subsets
     slots = 1 + n_seeds
+    drawn = 0
     if math.comb(n_seeds, k) <= 1000:  # few: all of them, shuffled
         pool = list(itertools.combinations(range(n_seeds), k))
-        candidates = [pool[i] for i in rng.permutation(len(pool))]
+        candidates = iter([pool[i] for i in rng.permutation(len(pool))])
+        draws = 0
     else:  # many: random draws; repeats are dropped below
-        draws = [rng.choice(n_seeds, k, replace=False) for _ in range(4 * needed)]
-        candidates = [tuple(sorted(d.tolist())) for d in draws]
+        draws = 4 * needed
+
+        def random_subsets():
+            nonlocal drawn
+            while drawn < draws:
+                drawn += 1
+                yield tuple(sorted(rng.choice(n_seeds, k, replace=False).tolist()))
+
+        candidates = random_subsets()
     seen: set[tuple[int, ...]] = set()
     for subset in candidates:
         if slots >= needed:
@@ -226,61 +425,6 @@ def _subsets(x: torch.Tensor, needed: int, rng: np.random.Generator) -> list[tup
         seen.add(subset)
         subsets.append(subset)
         slots += 1 + k
+    for _ in range(draws - drawn):
+        rng.choice(n_seeds, k, replace=False)
     return subsets
-
-
-def _slot_order(subsets, count, rng) -> list[tuple[int, int]]:
-    """(subset index, leg) for `count` seeds, leg -1 meaning the centroid itself.
-
-    Round-robin over the subsets; each yields its centroid once, then its legs in a random order,
-    over and over (a leg visited again gets a further position on it).
-    """
-
-    def sequence(legs: list[int]):
-        yield -1
-        while True:
-            yield from legs
-
-    streams = [sequence(rng.permutation(len(s)).tolist()) for s in subsets]
-    slots = []
-    while len(slots) < count:
-        for s, stream in enumerate(streams):
-            if len(slots) < count:
-                slots.append((s, next(stream)))
-    return slots
-
-
-def _centroid_walks(x, keys, count, rng) -> list[WalkSeed]:
-    """`count` seeds from NAO centroids of subsets and the legs from their seeds to them."""
-    subsets = _subsets(x, count, rng)
-    # 1. which centroid or leg each new seed comes from
-    slots = _slot_order(subsets, count, rng)
-    # 2. positions on each leg, stratified like pair walks
-    per_leg: dict[tuple[int, int], int] = {}
-    for s, leg in slots:
-        if leg >= 0:
-            per_leg[(s, leg)] = per_leg.get((s, leg), 0) + 1
-    positions = {sl: iter(_stratified(m, rng).tolist()) for sl, m in sorted(per_leg.items())}
-    # 3. the centroids, one batched call per subset size
-    results: dict[int, tuple] = {}
-    for size in sorted({len(s) for s in subsets}, reverse=True):
-        idx = [i for i, s in enumerate(subsets) if len(s) == size]
-        sets = torch.stack([x[list(subsets[i])] for i in idx])  # (S, k, C, h, w)
-        res = nao_centroids(sets, n=CENTROID_PATH_POINTS)
-        for r, i in enumerate(idx):
-            results[i] = (res.centroid[r], res.paths[r], res.t[r])
-    # 4. the seeds, in slot order
-    out = []
-    for s, leg in slots:
-        subset = subsets[s]
-        centroid, paths, ts = results[s]
-        names = tuple(keys[i] for i in subset)
-        k = len(subset)
-        if leg < 0:
-            out.append(_walk_seed(centroid, names, (1.0 / k,) * k, "nao_centroid"))
-            continue
-        t = next(positions[(s, leg)])
-        point = point_at(paths[leg], ts[leg], torch.tensor([t], dtype=torch.float32))[0]
-        weights = tuple((1.0 - t) + t / k if j == leg else t / k for j in range(k))
-        out.append(_walk_seed(point, names, weights, "nao_centroid"))
-    return out

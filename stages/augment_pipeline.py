@@ -8,11 +8,11 @@ in stages/ and one entry here, with its config section beside the others.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tailseed.pipeline.config import (
-    HASHED_UNLESS_DEFAULT,
     NOT_HASHED,
     apply_overrides,
     config_hash,
@@ -49,7 +49,7 @@ class AugmentConfig:
     invert: InvertConfig = field(default_factory=InvertConfig)
     walk: WalkConfig = field(default_factory=WalkConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    filter: FilterConfig = field(default_factory=FilterConfig, metadata=HASHED_UNLESS_DEFAULT)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     ray: RayConfig = field(default_factory=RayConfig, metadata=NOT_HASHED)
 
@@ -89,9 +89,34 @@ def output_hash(config: AugmentConfig) -> str:
     return config_hash(config)
 
 
+# Inputs that a config file names by path. A relative one is looked up beside the config file
+# first, so that a config and its data can live anywhere; where nothing is there it is taken as
+# written: relative to the working directory (model.path also beside the repository, or a hub id).
+# Outputs (output_dir, and dataset.path where `materialize` writes the embedded dataset) are
+# always relative to the working directory. `--set` values are the shell's: never looked up.
+CONFIG_RELATIVE = (("dataset", "path"), ("dataset", "class_names"), ("model", "path"))
+
+
+def resolve_beside(data: dict, config_dir: Path) -> dict:
+    """`data` (a config file's mapping) with its relative input paths that exist beside the
+    config file made absolute; everything else unchanged."""
+    for section, key in CONFIG_RELATIVE:
+        node = data.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        if section == "dataset" and key == "path" and node.get("materialize"):
+            continue  # where the embedded dataset is written: an output
+        beside = config_dir / value
+        probe = beside.parent if "{" in beside.name else beside  # a brace pattern of tars
+        if probe.exists() and config_dir.resolve() != Path.cwd().resolve():
+            node[key] = os.path.normpath(beside.resolve())
+    return data
+
+
 def load_config(path: Path, overrides: list[str] = ()) -> AugmentConfig:
     """A YAML config file (plus `--set key=value` overrides) as an AugmentConfig, strictly."""
-    data = apply_overrides(load_yaml(path), list(overrides))
+    data = apply_overrides(resolve_beside(load_yaml(path), Path(path).parent), list(overrides))
     try:
         return from_dict(AugmentConfig, data)
     except UserError as exc:

@@ -40,7 +40,9 @@ REASONS = ("near_copy", "not_kept")  # why a generated candidate is not written
 
 @dataclass(frozen=True)
 class FilterConfig:
-    enabled: bool = False  # off: every generated image is written (pool_factor is then unused)
+    # on: chosen on the evaluation's validation split (research/evaluate.py, docs/eval.md), in both
+    # embedded regimes; off writes every generated image (pool_factor is then unused)
+    enabled: bool = True
     pool_factor: int = 3  # candidates generated per image kept
     near_copy_percentile: float = (
         5.0  # of the real images' within-class nearest-neighbour distances

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tailseed.pipeline.datasets import Listing, list_dataset
+from tailseed.pipeline.config import HASHED_UNLESS_DEFAULT
+from tailseed.pipeline.datasets import Listing, list_dataset, name_classes, read_class_names
 from tailseed.pipeline.errors import UserError
 
 EMBEDDED = "embedded-digits"
@@ -19,6 +20,12 @@ class ScanConfig:
     label_column: str = "label"  # Parquet: the label column (integers or class names)
     image_column: str = "image"  # Parquet: image bytes (or a struct with `bytes`)
     materialize: str = ""  # "embedded-digits": write the embedded dataset to `path` if missing
+    # names for the dataset's labels, used in prompts and in the output: a mapping {label: name}
+    # (e.g. {3: three}), or a file (.json / .yaml mapping, or .txt with one name per line, line i
+    # naming label i). Empty: the labels are the names.
+    class_names: dict[int | str, str] | str = field(
+        default_factory=dict, metadata=HASHED_UNLESS_DEFAULT
+    )
 
     def validate(self, where: str) -> None:
         if self.materialize not in ("", EMBEDDED):
@@ -27,6 +34,13 @@ class ScanConfig:
 
 def scan(config: ScanConfig) -> Listing:
     """The dataset's classes, images per class and what was skipped while listing."""
+    listing = _list(config)
+    if config.class_names:
+        return name_classes(listing, read_class_names(config.class_names))
+    return listing
+
+
+def _list(config: ScanConfig) -> Listing:
     if "{" in config.path:  # a brace pattern of tar files
         from tailseed.pipeline.datasets import expand_pattern, list_webdataset
 

@@ -66,15 +66,17 @@ def prompt_for(name: str, config: SelectConfig) -> str:
 def rare_classes(listing: Listing, config: SelectConfig) -> list[int]:
     counts = listing.counts()
     if config.classes:
-        by_name = {name: i for i, name in listing.classes.items()}
+        # a class by its name, or by the dataset's own label where dataset.class_names names it
+        by_name = {listing.label_of(i): i for i in listing.classes}
+        by_name.update({name: i for i, name in listing.classes.items()})
         wanted = [str(c) for c in config.classes]
         missing = [c for c in wanted if c not in by_name]
         if missing:
             raise UserError(
                 f"select.classes: {missing[0]!r} is not a class of the dataset "
-                f"(classes: {', '.join(sorted(by_name))})"
+                f"(classes: {', '.join(sorted(listing.classes.values()))})"
             )
-        return sorted(by_name[c] for c in wanted)
+        return sorted({by_name[c] for c in wanted})
     return sorted(c for c, n in counts.items() if n < config.rare_below)
 
 

@@ -51,6 +51,7 @@ def write_config(path: Path, model_dir: Path, dataset: Path, out: Path, **extra)
             "resources": {"num_cpus": 0.5},
         },
         "shards": {"samples_per_shard": 4},
+        "filter": {"enabled": False},  # tests/test_filter.py turns it on
         "ray": {"in_process": True},
     }
     for dotted, value in extra.items():

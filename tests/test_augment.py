@@ -92,7 +92,9 @@ def test_seeds_and_walks_parquet(first_run):
     assert all(
         len(r["seed"]) == 4 * 8 * 8 and r["shape"] == [4, 8, 8] and r["nfe"] > 0 for r in seeds
     )
-    walks = pq.read_table(out / "walks" / "class_0002.parquet").to_pylist()
+    parts = sorted((out / "walks" / "class_0002").glob("*.parquet"))
+    assert [p.name for p in parts] == ["part_00000.parquet"]  # 6 rows: one part of 1024
+    walks = pq.read_table(parts[0]).to_pylist()
     assert len(walks) == 6
     source_keys = {
         r["key"] for r in pq.read_table(out / "seeds" / "class_0002.parquet").to_pylist()
@@ -103,7 +105,7 @@ def test_seeds_and_walks_parquet(first_run):
 def test_generate_cli_regenerates_a_shard_sample(first_run, tmp_path):
     """A generated sample is auditable: `tailseed generate` on its walk row gives the same image."""
     _, out, _ = first_run
-    walks = out / "walks" / "class_0001.parquet"
+    walks = out / "walks" / "class_0001"  # a class's folder of parts
     code = subprocess.run(
         [
             sys.executable,
@@ -139,10 +141,36 @@ def test_rerun_is_a_no_op_and_a_second_folder_is_byte_identical(
     other = write_config(tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "out2")
     run(load_config(other))
     assert shard_files(tmp_path / "out2") == before
-    for name in ("class_0001.parquet", "class_0002.parquet"):
+    for name in ("class_0001/part_00000.parquet", "class_0002/part_00000.parquet"):
         assert (tmp_path / "out2" / "walks" / name).read_bytes() == (
             out / "walks" / name
         ).read_bytes()
+
+
+def test_walks_in_small_parts_give_the_same_shards(
+    first_run, tmp_path, tiny_model_dir, small_dataset
+):
+    """walk.chunk_rows bounds the rows per part (and the seeds in memory), not what is made; a
+    rerun with another part size rewrites the parts and leaves the done shards alone."""
+    _, out, _ = first_run
+    other = write_config(
+        tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "out", walk__chunk_rows=4
+    )
+    run(load_config(other))
+    assert shard_files(tmp_path / "out") == shard_files(out)
+    for c in ("class_0001", "class_0002"):
+        parts = sorted((tmp_path / "out" / "walks" / c).glob("*.parquet"))
+        sizes = [pq.ParquetFile(p).metadata.num_rows for p in parts]
+        assert len(parts) == 2 and max(sizes) <= 4 and sum(sizes) == 6
+        small = [r for p in parts for r in pq.read_table(p).to_pylist()]
+        assert small == pq.read_table(out / "walks" / c / "part_00000.parquet").to_pylist()
+    again = write_config(
+        tmp_path / "c2.yaml", tiny_model_dir, small_dataset, tmp_path / "out", walk__chunk_rows=5
+    )
+    run(load_config(again))
+    parts = sorted((tmp_path / "out" / "walks" / "class_0001").glob("*.parquet"))
+    assert [pq.ParquetFile(p).metadata.num_rows for p in parts] == [5, 1]
+    assert shard_files(tmp_path / "out") == shard_files(out)
 
 
 def test_a_different_config_into_the_same_folder_stops(first_run):
@@ -171,6 +199,47 @@ def test_dry_run_does_no_work(tmp_path, tiny_model_dir, small_dataset, capsys):
     assert not (tmp_path / "out").exists()
     printed = capsys.readouterr().out
     assert "rare class 1 'rare one'" in printed and "+6 to generate" in printed
+    # the space and a measured time, labelled as the estimate it is
+    assert re.search(r"space: walks [0-9.]+ MB, shards at most [0-9.]+ MB", printed)
+    assert re.search(r"time \(estimate, UNet evaluations only.*\): inversion <= \d+ s", printed)
+    assert "measured: fastest of 3 UNet passes on cpu float32" in printed
+    per_nfe = result["seconds_per_nfe"]
+    assert 0 < per_nfe["invert"] < 10 and 0 < per_nfe["generate"] < 10
+    quiet = run(load_config(config), dry_run=True, timing=False)
+    assert quiet["seconds_per_nfe"] is None
+    assert "time: not measured (--no-timing)" in capsys.readouterr().out
+
+
+def test_kill_minus_nine_while_walk_parts_are_written_then_resume(
+    tmp_path, tiny_model_dir, small_dataset, first_run
+):
+    """Really kill the job after a class's first walk part and while its second is unrenamed."""
+    _, first_out, _ = first_run
+    config = write_config(
+        tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "out", walk__chunk_rows=2
+    )
+    walks = tmp_path / "out" / "walks" / "class_0001"
+    proc = start_augment(config, {**os.environ, "TAILSEED_SLOW_WRITE_S": "2"})
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (walks / "part_00000.parquet").exists() and any(walks.glob(".part_00001.*.tmp")):
+            break
+        assert proc.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("walk part 1 was never caught half written")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (walks / "part_00001.parquet").exists()
+    run(load_config(config))
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+    assert shard_files(tmp_path / "out") == shard_files(first_out)
+    for c in ("class_0001", "class_0002"):
+        parts = sorted((tmp_path / "out" / "walks" / c).glob("*.parquet"))
+        assert [pq.ParquetFile(p).metadata.num_rows for p in parts] == [2, 2, 2]
+        rows = [r for p in parts for r in pq.read_table(p).to_pylist()]
+        assert rows == pq.read_table(first_out / "walks" / c / "part_00000.parquet").to_pylist()
 
 
 def test_kill_minus_nine_mid_shard_then_resume(tmp_path, tiny_model_dir, small_dataset, first_run):
@@ -231,7 +300,8 @@ def test_prompt_method_generates_from_fresh_seeds_without_inversion(
     report = run(load_config(config))
     assert report["counts"]["samples"] == 12
     assert not (tmp_path / "out" / "seeds").exists()
-    walks = pq.read_table(tmp_path / "out" / "walks" / "class_0001.parquet").to_pylist()
+    walks = pq.read_table(tmp_path / "out" / "walks" / "class_0001" / "part_00000.parquet")
+    walks = walks.to_pylist()
     assert {w["method"] for w in walks} == {"prompt"} and all(w["sources"] == [] for w in walks)
     norms = [np.linalg.norm(w["seed"]) / np.sqrt(len(w["seed"])) for w in walks]
     assert 0.7 < np.mean(norms) < 1.3  # standard normal seeds

@@ -162,6 +162,7 @@ def short_config(out: Path) -> Path:
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     config["output_dir"] = str(out)  # shared storage: every node writes its shards here
     config["select"]["quota"] = 18  # 8 generated per tail class: a short run
+    config["filter"] = {"enabled": False}  # the cluster's plumbing is under test, not the filter
     config["generate"]["num_inference_steps"] = 10
     config["shards"]["samples_per_shard"] = 4
     config["invert"]["solver"]["num_inference_steps"] = 10
@@ -377,6 +378,7 @@ def test_a_local_run_beside_a_running_cluster_starts_a_private_ray(cluster, tmp_
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     config["output_dir"] = str(tmp_path / "out")
     config["select"]["quota"] = 14  # 4 generated per tail class
+    config["filter"] = {"enabled": False}
     config["generate"]["num_inference_steps"] = 5
     config["invert"]["solver"]["num_inference_steps"] = 5
     config["ray"] = {"local_num_cpus": 2, "object_store_mb": 128}

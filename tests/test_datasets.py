@@ -219,3 +219,42 @@ def test_a_brace_pattern_of_tars_is_a_dataset(tmp_path):
     assert listing.counts() == {1: 3}
     with pytest.raises(UserError, match="1 of its 4 files do not exist"):
         scan(ScanConfig(path=str(tmp_path / "shapes-{000..003}.tar")))
+
+
+def _integer_parquet(tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"image": [png_bytes()] * 5, "label": [3, 3, 3, 7, 7]})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    return tmp_path
+
+
+@pytest.mark.parametrize("form", ["mapping", "json", "txt"])
+def test_class_names_name_integer_labels_for_prompts_and_selection(tmp_path, form):
+    data = _integer_parquet(tmp_path / "data")
+    if form == "mapping":
+        names = {3: "three", 7: "seven"}
+    elif form == "json":
+        (tmp_path / "names.json").write_text(json.dumps({"3": "three", "7": "seven"}))
+        names = str(tmp_path / "names.json")
+    else:  # line i names label i
+        lines = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
+        (tmp_path / "names.txt").write_text("\n".join(lines) + "\n")
+        names = str(tmp_path / "names.txt")
+    listing = scan(ScanConfig(path=str(data), class_names=names))
+    assert listing.classes == {3: "three", 7: "seven"}
+    assert listing.label_of(7) == "7" and not listing.integer_labels()
+    by_name, _ = select(listing, SelectConfig(classes=["seven"], quota=4), image_size=16)
+    by_label, _ = select(listing, SelectConfig(classes=[7], quota=4), image_size=16)
+    assert [p.class_index for p in by_name] == [p.class_index for p in by_label] == [7]
+    assert by_name[0].prompt == "a photo of a seven"
+
+
+def test_class_names_must_name_every_label_once(tmp_path):
+    data = str(_integer_parquet(tmp_path))
+    with pytest.raises(UserError, match="no name for label '7'"):
+        scan(ScanConfig(path=data, class_names={3: "three"}))
+    with pytest.raises(UserError, match="both named 'cat'"):
+        scan(ScanConfig(path=data, class_names={3: "cat", 7: "cat"}))
+    with pytest.raises(UserError, match="class_names .*nothere.json: no such file"):
+        scan(ScanConfig(path=data, class_names=str(tmp_path / "nothere.json")))
+    assert scan(ScanConfig(path=data)).integer_labels()  # unnamed: the log says prompts use them

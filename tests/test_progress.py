@@ -230,12 +230,7 @@ def test_default_run_keeps_its_lines_and_quiet_drops_them(reference_run, tmp_pat
 
 
 @pytest.fixture
-def main(monkeypatch):
-    monkeypatch.setattr(
-        cli,
-        "SUBCOMMANDS",
-        {"invert": "tailseed.jobs.seed_commands", "generate": "tailseed.jobs.seed_commands"},
-    )
+def main():
     yield cli.main
     console.configure(None)
 
@@ -259,8 +254,7 @@ def test_invert_and_generate_show_progress_per_image(main, tmp_path, tiny_model_
     assert capsys.readouterr().out.splitlines() == [f"wrote 3 images to {tmp_path / 'q'}"]
 
 
-def test_quiet_and_verbose_are_global_and_per_command_flags(monkeypatch):
-    monkeypatch.setattr(cli, "SUBCOMMANDS", {"augment": "tailseed.jobs.augment"})
+def test_quiet_and_verbose_are_global_and_per_command_flags():
     parser = cli.build_parser()
     assert parser.parse_args(["augment"]).verbosity is None
     assert parser.parse_args(["--quiet", "augment"]).verbosity == console.QUIET

@@ -14,14 +14,8 @@ from tailseed.pipeline.seed_table import read_seeds
 
 
 @pytest.fixture
-def main(monkeypatch):
-    """The real `tailseed` entry point, with only this module's subcommands registered (the other
-    subcommands' modules are not needed here and may import things these tests do not build)."""
-    monkeypatch.setattr(
-        cli,
-        "SUBCOMMANDS",
-        {"invert": "tailseed.jobs.seed_commands", "generate": "tailseed.jobs.seed_commands"},
-    )
+def main():
+    """The real `tailseed` entry point."""
     return cli.main
 
 
@@ -109,12 +103,12 @@ def test_invert_defaults_are_the_augment_defaults():
     import argparse
     import dataclasses
 
-    from tailseed.jobs.seed_commands import add_parser
+    from tailseed.jobs.cli import add_seed_commands
     from tailseed.pipeline.inversion import InversionConfig
     from tailseed.stages.augment_pipeline import load_config
 
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
+    add_seed_commands(parser.add_subparsers())
     args = parser.parse_args(["invert", "--prompt", "p", "--out", "s.parquet", "a.png"])
     got = InversionConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(InversionConfig)}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tailseed.pipeline.errors import UserError
-from tailseed.pipeline.walks import MARGIN, WalkSeed, sample_walks
+from tailseed.pipeline.walks import MARGIN, WalkSeed, plan_walks, sample_walks
 
 SHAPE = (4, 8, 8)
 
@@ -153,3 +153,63 @@ def test_seed_perturbation_moves_seeds_by_the_angle_and_is_reproducible():
     cos = float((a * z).sum() / (np.linalg.norm(a) * np.linalg.norm(z)))
     assert abs(cos - np.cos(0.6)) < 0.15  # about the angle away from the walk seed
     assert abs(np.linalg.norm(a) / np.linalg.norm(z) - 1) < 0.2  # a seed-like norm
+
+
+@pytest.mark.parametrize(
+    "n, count, method, chunk",
+    [
+        (10, 90, "nao", 7),
+        (5, 23, "nao", 4),
+        (4, 31, "slerp", 9),
+        (3, 17, "lerp", 5),
+        (14, 40, "nao", 11),
+    ],
+)
+def test_a_plan_gives_the_same_seeds_in_any_ranges(n, count, method, chunk):
+    """Walks are made in bounded parts: any split of the positions gives bitwise the seeds of one
+    call (14 seeds: the subsets are random draws, replayed rather than held)."""
+    x, keys = class_seeds(n, seed=n)
+    whole = [as_tuple(w) for w in sample_walks(x, keys, count, method=method, rng_seed=3)]
+    plan = plan_walks(x, keys, count, method, 3)
+    parts = [plan.seeds(a, min(count, a + chunk)) for a in range(0, count, chunk)]
+    assert all(len(p) <= chunk for p in parts)
+    assert [as_tuple(w) for p in parts for w in p] == whole
+    tail = plan_walks(x, keys, count, method, 3).seeds(count - chunk, count)  # a part alone
+    assert [as_tuple(w) for w in tail] == whole[count - chunk :]
+
+
+def test_the_plan_does_not_hold_the_seeds():
+    """A huge count costs a plan the size of its pairs and subsets, not of its seeds."""
+    x, keys = class_seeds(10)
+    plan = plan_walks(x, keys, 10_000_000, "nao", 0)
+    assert len(plan.pairs.pairs) == 45 and len(plan.centroids.subsets) <= 253
+    assert len(plan.seeds(5_000_000, 5_000_003)) == 3
+
+
+def test_shard_slots_read_only_their_range_in_round_robin_order():
+    from tailseed.stages.walk import ShardSlots, slot_order
+
+    counts = {3: 7, 1: 2, 5: 4, 8: 0}
+    queues = [[(c, j) for j in range(counts[c])] for c in sorted(counts)]
+    rr = []
+    while any(queues):
+        for q in queues:
+            if q:
+                rr.append(q.pop(0))
+    assert slot_order(counts, 0, len(rr)) == rr
+    for a in range(len(rr)):
+        for b in range(a, len(rr) + 1):
+            assert slot_order(counts, a, b) == rr[a:b]
+    reads = []
+
+    def read(c, lo, hi):
+        reads.append((c, lo, hi))
+        return [{"class_index": c, "row": r} for r in range(lo, hi)]
+
+    slots = ShardSlots({c: 3 * n for c, n in counts.items()}, 3, read)
+    assert len(slots) == 13
+    got = slots[4:9]
+    assert [[r["row"] for r in s] for s in got] == [
+        [3 * j + i for i in range(3)] for _, j in rr[4:9]
+    ]
+    assert sorted(reads) == [(3, 3, 12), (5, 3, 9)]  # one contiguous read per class
