@@ -34,7 +34,11 @@ def load_image(path: Path, size: int) -> np.ndarray:
         width, height = img.size
     if (width, height) != (size, size):
         how = "centre-cropped and resized" if width != height else "resized"
-        print(f"tailseed invert: {path}: {how} {width}x{height} -> {size}x{size}", file=sys.stderr)
+        if console.verbosity() != console.QUIET:  # a note, not a warning: --quiet drops it
+            print(
+                f"tailseed invert: {path}: {how} {width}x{height} -> {size}x{size}",
+                file=sys.stderr,
+            )
     return image
 
 

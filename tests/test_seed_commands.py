@@ -88,6 +88,15 @@ def test_non_square_image_is_centre_cropped_as_augment_does(main, tmp_path, tiny
     argv = ["invert", "--model", str(tiny_model_dir), "--prompt", "p", "--out", str(seeds)]
     assert main(argv + [*FAST, str(wide)]) == 0
     assert "wide.png: centre-cropped and resized 20x10 -> 16x16" in capsys.readouterr().err
+    quiet = tmp_path / "q.parquet"
+    quiet_argv = ["--quiet", "invert", "--model", str(tiny_model_dir), "--prompt", "p"]
+    try:
+        assert main([*quiet_argv, "--out", str(quiet), *FAST, str(wide)]) == 0
+    finally:
+        from tailseed.jobs import console
+
+        console.configure(None)
+    assert capsys.readouterr().err == ""  # --quiet: no crop note
     from tailseed.jobs.seed_commands import load_image
 
     np.testing.assert_array_equal(load_image(wide, 16), decode_image(wide.read_bytes(), 16))
