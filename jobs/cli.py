@@ -108,6 +108,18 @@ def _solver_flags(parser) -> None:
         )
 
 
+def _model_flags(parser) -> None:
+    """--model and --device, as `invert` and `generate` take them."""
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=_defaults("diffusers folder or hub id")
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help=_defaults("auto (cuda where present, else cpu), cpu or cuda"),
+    )
+
+
 def add_seed_commands(sub) -> None:
     inv = sub.add_parser(
         "invert",
@@ -122,7 +134,7 @@ def add_seed_commands(sub) -> None:
         metavar="IMAGE",
         help="image files; any size: centre-cropped to a square and resized to the model's",
     )
-    inv.add_argument("--model", default=DEFAULT_MODEL, help=_defaults("diffusers folder or hub id"))
+    _model_flags(inv)
     inv.add_argument("--prompt", required=True, help="the prompt that describes the images")
     inv.add_argument("--out", required=True, type=Path, help="seeds Parquet file to write")
     inv.add_argument(
@@ -136,11 +148,6 @@ def add_seed_commands(sub) -> None:
     inv.add_argument(
         "--batch-size", type=int, default=16, help=_defaults("images per inversion batch")
     )
-    inv.add_argument(
-        "--device",
-        default="auto",
-        help=_defaults("auto (cuda where present, else cpu), cpu or cuda"),
-    )
     console.add_flags(inv, at_top=False)
     inv.set_defaults(func="tailseed.jobs.seed_commands:run_invert")
 
@@ -149,7 +156,7 @@ def add_seed_commands(sub) -> None:
         help="generate images from a seeds (or walks) Parquet file",
         description="Regenerate DIR/<key>.png from each row's seed, prompt, guidance and steps.",
     )
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=_defaults("diffusers folder or hub id"))
+    _model_flags(gen)
     gen.add_argument(
         "--seeds",
         required=True,
@@ -158,11 +165,6 @@ def add_seed_commands(sub) -> None:
     )
     gen.add_argument("--out", required=True, type=Path, help="folder for <key>.png")
     gen.add_argument("--batch-size", type=int, default=16, help=_defaults("images per batch"))
-    gen.add_argument(
-        "--device",
-        default="auto",
-        help=_defaults("auto (cuda where present, else cpu), cpu or cuda"),
-    )
     console.add_flags(gen, at_top=False)
     gen.set_defaults(func="tailseed.jobs.seed_commands:run_generate")
 

@@ -35,16 +35,16 @@ class CommandLineValue:
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp` (after YAML parsing) and convert where lossless."""
     origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    union = origin in (typing.Union, types.UnionType)
     if isinstance(value, CommandLineValue):
         if tp is str:
             return value.text
-        union = origin in (typing.Union, types.UnionType)
-        if not union or (value.value is None and type(None) in typing.get_args(tp)):
+        if not union or (value.value is None and type(None) in args):
             value = value.value  # a union tries each of its types with the text kept
-    args = typing.get_args(tp)
     if tp is Any:
         return value
-    if origin in (typing.Union, types.UnionType):
+    if union:
         if value is None and type(None) in args:
             return None
         errors = []

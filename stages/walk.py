@@ -141,23 +141,6 @@ class ClassWalks:
         return rows
 
 
-def make_walks(
-    class_index: int,
-    class_name: str,
-    seeds: np.ndarray,
-    keys: list[str],
-    count: int,
-    config: WalkConfig,
-    config_hash: str,
-    latent_shape: list[int] | None = None,
-) -> list[dict]:
-    """`count` new seeds for one class as rows, all at once (`ClassWalks` gives them in ranges)."""
-    walks = ClassWalks(
-        class_index, class_name, seeds, keys, count, config, config_hash, latent_shape
-    )
-    return walks.rows(0, count)
-
-
 def perturbed(seed: np.ndarray, key: str, angle: float) -> np.ndarray:
     """cos(angle) seed + sin(angle) eps, eps standard normal from the key: (C, h, w) float32."""
     if angle == 0:

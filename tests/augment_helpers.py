@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from research.tiny_model import ComponentSpec
@@ -74,3 +76,18 @@ def start_augment(config: Path, env: dict) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    """Poll `predicate` until it holds while `proc` runs; the test fails if the process ends
+    first, or (after killing it) if `what` never comes within `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            tail = proc.stderr.read()[-2000:] if proc.stderr else ""
+            pytest.fail(f"the job ended before {what}: {tail}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"{what} never came")

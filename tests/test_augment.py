@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from augment_helpers import shard_files, start_augment, write_config
+from augment_helpers import shard_files, start_augment, wait_for, write_config
 from PIL import Image
 
 from tailseed.jobs.augment import run
@@ -220,15 +219,11 @@ def test_kill_minus_nine_while_walk_parts_are_written_then_resume(
     )
     walks = tmp_path / "out" / "walks" / "class_0001"
     proc = start_augment(config, {**os.environ, "TAILSEED_SLOW_WRITE_S": "2"})
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if (walks / "part_00000.parquet").exists() and any(walks.glob(".part_00001.*.tmp")):
-            break
-        assert proc.poll() is None, "the job ended before it could be killed"
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("walk part 1 was never caught half written")
+    wait_for(
+        lambda: (walks / "part_00000.parquet").exists() and any(walks.glob(".part_00001.*.tmp")),
+        proc,
+        "walk part 1 half written",
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (walks / "part_00001.parquet").exists()
@@ -248,15 +243,11 @@ def test_kill_minus_nine_mid_shard_then_resume(tmp_path, tiny_model_dir, small_d
     out = tmp_path / "out" / "shards"
     env = {**os.environ, "TAILSEED_SLOW_WRITE_S": "3"}
     proc = start_augment(config, env)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if (out / "00000_stats.json").exists() and any(out.glob(".00001.tar.*.tmp")):
-            break
-        assert proc.poll() is None, "the job ended before it could be killed"
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("shard 1 was never caught half written")
+    wait_for(
+        lambda: (out / "00000_stats.json").exists() and any(out.glob(".00001.tar.*.tmp")),
+        proc,
+        "shard 1 half written",
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "00001_stats.json").exists() and not (out / "00002.tar").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -18,8 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # from a copy of the sources: setuptools' build/ folder in the checkout keeps files of
+    # modules that no longer exist, and a wheel built there would carry them
+    source = tmp_path_factory.mktemp("source") / "tailseed"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "out", "data", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+    )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation"]
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation"]
         + ["-q", "-w", str(out)],
         check=True,
         capture_output=True,

@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from augment_helpers import shard_files, write_config
+from augment_helpers import shard_files, wait_for, write_config
 
 from tailseed.jobs.augment import run
 from tailseed.pipeline.config import from_dict
@@ -49,18 +48,6 @@ def _start(config: Path, slow: float) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the job ended first: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("the awaited state never came")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +131,7 @@ def test_kill_minus_nine_during_a_parquet_write_then_rerun(
 ):
     config, out = _fresh(tmp_path, tiny_model_dir, small_dataset)
     proc = _start(config, slow=30)
-    _wait_for(lambda: list((out / "seeds").glob(".class_0001.parquet.*.tmp")), proc)
+    wait_for(lambda: list((out / "seeds").glob(".class_0001.parquet.*.tmp")), proc, "a seeds write")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "seeds" / "class_0001.parquet").exists()  # never a half file at the name
@@ -161,7 +148,9 @@ def test_a_second_run_into_a_live_runs_folder_stops_naming_it(
     config, out = _fresh(tmp_path, tiny_model_dir, small_dataset)
     proc = _start(config, slow=30)
     try:
-        _wait_for(lambda: (out / ".lock").is_file() and (out / ".lock").read_text(), proc)
+        wait_for(
+            lambda: (out / ".lock").is_file() and (out / ".lock").read_text(), proc, "the lock"
+        )
         with pytest.raises(UserError, match=f"in use by a running tailseed \\(pid {proc.pid} "):
             run(load_config(config))
     finally:
@@ -180,7 +169,7 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_no_temp_files(
 ):
     config, out = _fresh(tmp_path, tiny_model_dir, small_dataset)
     proc = _start(config, slow=30)
-    _wait_for(lambda: list((out / "seeds").glob(".*.tmp")), proc)
+    wait_for(lambda: list((out / "seeds").glob(".*.tmp")), proc, "a temporary file")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code
