@@ -200,8 +200,11 @@ SHIPPED_PERTURB_ANGLE = 0.3  # radians: the perturbed candidate's cos(a) z + sin
 
 def shipped_candidates(filter_available: bool) -> dict[str, tuple[str, ...]]:
     """The tailseed configurations that validation chooses "as shipped" from: the config as it is;
-    where the product has the filter stage, with the filter on, and with the filter on and walk
-    seeds perturbed by SHIPPED_PERTURB_ANGLE."""
+    where the product has the filter stage, with the filter on, with the filter on and walk
+    seeds perturbed by SHIPPED_PERTURB_ANGLE, and with the filter on and generation at the
+    inversion's guidance (`generate.guidance_scale` unset: a config that raises it, as
+    configs/seen.yaml does, is also tried without). A candidate equal to another (same config
+    hash) shares its run and its trainings."""
     out = {"config": ()}
     if filter_available:
         out["filter_on"] = ("filter.enabled=true",)
@@ -209,6 +212,7 @@ def shipped_candidates(filter_available: bool) -> dict[str, tuple[str, ...]]:
             "filter.enabled=true",
             f"walk.perturb_angle={SHIPPED_PERTURB_ANGLE}",
         )
+        out["filter_on_follow"] = ("filter.enabled=true", "generate.guidance_scale=")
     return out
 
 
@@ -1359,6 +1363,20 @@ def markdown(report: dict) -> str:
         lines += [
             f"## Regime: {reg['label']} ({reg['model']})",
             "",
+            *(
+                [
+                    f"Run at commit {reg['code']['commit'][:7]}"
+                    + (" (with uncommitted changes)" if reg["code"].get("dirty") else "")
+                    + (
+                        ", kept from an earlier run of the same protocol."
+                        if reg.get("kept_from_an_earlier_run")
+                        else "."
+                    ),
+                    "",
+                ]
+                if reg.get("code", {}).get("commit")
+                else []
+            ),
             f"User dataset {d['user_images']} images ({d['real_per_rare_class']} per rare class: "
             f"{', '.join(d['rare_classes'])}); every adding variant adds {d['added_per_rare_class']} "
             f"per rare class. Validation {d['val_images']} images ({d['val_rare_images']} rare); "
@@ -1512,23 +1530,64 @@ def contact_sheet(shown: dict[str, dict], per_variant: int) -> Image.Image:
 # The job
 
 
+def shown_from_report(reg: dict) -> dict:
+    """The contact sheet's images of a regime kept from an earlier report: its sources from the
+    user dataset, and draw 0 of each generated variant from the run folders the report names."""
+    config = load_config(Path(reg["config"]), list(reg["config_overrides"]))
+    user_x, user_y, _ = read_image_folder(Path(config.dataset.path))
+    rare = [CLASS_NAMES.index(name) for name in reg["data"]["rare_classes"]]
+    added = {}
+    for key, v in reg["variants"].items():
+        run = reg["runs"].get(f"{key}_d0")
+        if v["kind"] != "generated" or run is None:
+            continue
+        if not (Path(run["output_dir"]) / "shards").is_dir():
+            raise UserError(f"--keep: regime {reg['regime']}: {run['output_dir']} is not there")
+        gen = read_run(Path(run["output_dir"]))
+        added[v["label"]] = {CLASS_NAMES[d]: gen.of(d) for d in rare}
+    return {"sources": {CLASS_NAMES[d]: user_x[user_y == d] for d in rare}, "added": added}
+
+
+def kept_regimes(earlier: dict, options: Options, run_now: list[str]) -> dict[str, dict]:
+    """The regimes of an earlier report that are not run this time, each with the code version it
+    ran at. The earlier report must have used the same protocol options."""
+    mine, theirs = json.loads(json.dumps(options.to_dict(), default=str)), dict(earlier["options"])
+    theirs["cache"] = mine["cache"]  # where trainings are cached is not part of the protocol
+    if mine != theirs:
+        raise UserError("--keep: the earlier report used other options; run every regime again")
+    return {
+        key: {**reg, "code": reg.get("code", earlier["code"]), "kept_from_an_earlier_run": True}
+        for key, reg in earlier["regimes"].items()
+        if key not in run_now
+    }
+
+
 def evaluate(
     regime_keys: list[str],
     out: Path,
     options: Options,
     docs: Path | None,
     runs_dir: Path | None = None,
+    keep: dict | None = None,
 ) -> dict:
+    """Evaluate `regime_keys`; with `keep` (an earlier eval.json), the earlier report's other
+    regimes are kept as they are, each marked with the code version it ran at."""
     started = time.perf_counter()
     runs_dir = runs_dir or out / "runs"
     available = regimes()
     reports, shown = {}, {}
+    kept = kept_regimes(keep, options, regime_keys) if keep else {}
     for key in regime_keys:
         regime = available[key]
         base = load_config(regime.config, list(regime.overrides))
         if not Path(base.model.path).exists():
             raise UserError(f"regime {key}: model {base.model.path} is not there")
         reports[key], shown[key] = evaluate_regime(regime, runs_dir, options)
+        reports[key]["code"] = {**code_version(), "code_hash": code_hash()}
+    for key, reg in kept.items():
+        reports[key], shown[key] = reg, shown_from_report(reg)
+    order = [k for k in available if k in reports]
+    reports, shown = {k: reports[k] for k in order}, {k: shown[k] for k in order}
     report = {
         "code": code_version(),
         "options": options.to_dict(),
@@ -1592,6 +1651,12 @@ def main(argv: list[str] | None = None) -> int:
         help="trainings computed before are read back from here (default: OUT/cache)",
     )
     parser.add_argument("--no-cache", action="store_true", help="train everything again")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="an earlier eval.json: its regimes that --regimes leaves out are kept in the report,"
+        " each with the commit it ran at (the options must be the same)",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 2 or args.first_seeds < 2:
         parser.error("--seeds, --first-seeds: at least 2, for a standard deviation")
@@ -1607,8 +1672,14 @@ def main(argv: list[str] | None = None) -> int:
         jobs=args.jobs,
         cache=None if args.no_cache else (args.cache or args.out / "cache"),
     )
+    keep = None
+    if args.keep is not None:
+        try:
+            keep = json.loads(args.keep.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--keep {args.keep}: {exc}")
     try:
-        evaluate(keys, args.out, options, None if args.no_docs else args.docs, args.runs)
+        evaluate(keys, args.out, options, None if args.no_docs else args.docs, args.runs, keep)
     except UserError as exc:
         print(f"tailseed eval: error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import argparse
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -266,10 +266,18 @@ def main(argv: list[str] | None = None) -> None:
         default=TrainConfig.threads,
         help="torch threads; 1 is faster on cores shared with other busy jobs",
     )
+    parser.add_argument(
+        "--model-head-named",
+        type=int,
+        help="head model images per class whose caption names the class (the rest say the generic"
+        " caption); default: the regime's split",
+    )
     args = parser.parse_args(argv)
     cfg = regime_config(
         args.regime, vae_steps=args.vae_steps, unet_steps=args.unet_steps, threads=args.threads
     )
+    if args.model_head_named is not None:
+        cfg = replace(cfg, split=replace(cfg.split, model_head_named=args.model_head_named))
     train(cfg, args.out or DEFAULT_OUT[args.regime])
 
 

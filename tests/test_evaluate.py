@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +38,7 @@ from research.evaluate import (
     eval_splits,
     evaluate_test_split,
     image_quality,
+    kept_regimes,
     markdown,
     paired,
     plot_accuracy,
@@ -46,6 +48,7 @@ from research.evaluate import (
     targets,
     walk_kind,
 )
+from tailseed.pipeline.errors import UserError
 from tailseed.pipeline.images import encode_png
 from tailseed.pipeline.shards import write_index, write_shard
 
@@ -587,6 +590,35 @@ def test_targets_report_margins_per_regime_and_recipe(tmp_path):
         {"options": {"seeds": 5, "draws": 3}, "regimes": report["regimes"]}, tmp_path / "a.png"
     )
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_an_earlier_reports_other_regimes_are_kept_with_their_commit_if_the_protocol_matches():
+    options = tiny_options(cache=Path("out/eval/cache"))
+    earlier = {
+        "code": {"commit": "a" * 40, "dirty": False},
+        "options": json.loads(json.dumps(options.to_dict(), default=str)),
+        "regimes": {
+            "never-seen": fake_regime(-0.3, 0.5, 0.4, seen=False),
+            "seen": fake_regime(4.0, 1.5, -1.5, seen=True),
+        },
+    }
+    earlier["options"]["cache"] = "elsewhere/cache"  # where trainings are cached is no option
+    kept = kept_regimes(earlier, options, ["seen"])
+    assert list(kept) == ["never-seen"]
+    assert kept["never-seen"]["code"]["commit"] == "a" * 40
+    assert kept["never-seen"]["kept_from_an_earlier_run"]
+    text = markdown(
+        {
+            "options": {"seeds": 2, "draws": 2, "first_seeds": 2},
+            "regimes": kept,
+            "targets": [],
+            "timings": {"total_s": 1.0},
+        }
+    )
+    assert "Run at commit aaaaaaa, kept from an earlier run" in text
+    assert kept_regimes(earlier, options, ["never-seen", "seen"]) == {}
+    with pytest.raises(UserError, match="other options"):
+        kept_regimes(earlier, replace(options, seeds=3), ["seen"])
 
 
 def test_walk_kind_groups_positions_for_the_near_copy_breakdown():
