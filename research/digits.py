@@ -34,8 +34,12 @@ class DigitsSplit:
     model_head_named: int = -1  # head model images whose caption names the class; -1: all of them
 
 
-# The "seen, rarely named" regime: the model trains on many images of each tail class, but only
-# `model_tail_named` of them carry a caption naming the class (the rest: a generic caption).
+# The "seen, rarely named" regime (models/tiny-digits-seen): the model trains on many images of
+# each tail class, but only `model_tail_named` of them carry a caption naming the class; the rest,
+# and about half of each head class's images (all but `model_head_named` = 45 of 84-93), say the
+# generic caption "a photo of a digit". The generic caption thus covers every class (the tail is
+# 97 of its 551 images per tail class, 18%), as a generic caption does in a real text-to-image
+# model's training data, and is no name of the tail.
 # The digits have 174-183 images per class (four: 181, seven: 179). Cut per class in this order:
 #   test 30 (as in the first model, so that the user split below is the same images) + user 10
 #   (tail) / 40 (head) + val 20 + model 100 (tail) / the rest (head: 84-93) + spare (tail: the
@@ -44,21 +48,24 @@ class DigitsSplit:
 # test + spare = 51 (four) and 49 (seven) >= 40 images for evaluation; 100 model images of a tail
 # class is the most that keeps seven (179) at >= 40 held out in steps of ten.
 SEEN_SPLIT = DigitsSplit(
-    val_per_class=20, model_tail_per_class=100, model_tail_named=3, spare_is_test=True
-)
-# A variant of it where the generic caption is not a name of the tail: about half of each head
-# class's model images (45 of 84-93) also say "a photo of a digit", so that the generic caption
-# covers every class (the tail is 97 of its 551 images per tail class, 18%), as a generic caption
-# does in a real text-to-image model's training data.
-SEEN_MIXED_SPLIT = DigitsSplit(
     val_per_class=20,
     model_tail_per_class=100,
     model_tail_named=3,
     spare_is_test=True,
     model_head_named=45,
 )
+# The first try at that regime (docs/model_seen.md): every head image named, so the generic
+# caption labelled only tail images and acted as a name of {four, seven}; its plain tail prompts
+# drew a four or a seven at random (51% / 45% in class, above the regime's 30%).
+SEEN_TAIL_ONLY_SPLIT = DigitsSplit(
+    val_per_class=20, model_tail_per_class=100, model_tail_named=3, spare_is_test=True
+)
 NEVER_SEEN_SPLIT = DigitsSplit()
-REGIME_SPLITS = {"never-seen": NEVER_SEEN_SPLIT, "seen": SEEN_SPLIT, "seen-mixed": SEEN_MIXED_SPLIT}
+REGIME_SPLITS = {
+    "never-seen": NEVER_SEEN_SPLIT,
+    "seen": SEEN_SPLIT,
+    "seen-tail-only": SEEN_TAIL_ONLY_SPLIT,
+}
 
 
 def _class_cuts(labels: np.ndarray, split: DigitsSplit) -> list[dict[str, list[int]]]:

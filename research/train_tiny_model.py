@@ -6,7 +6,9 @@ The result is a stock `StableDiffusionPipeline` folder plus `tailseed_card.json`
 
 Two regimes (`--regime`): "never-seen" (the default, models/tiny-digits: 3 training images of each
 tail class, all named in their captions) and "seen" (models/tiny-digits-seen: 100 images of each
-tail class, of which only 3 have a caption naming the class; the rest say "a photo of a digit").
+tail class, of which only 3 have a caption naming the class; the rest, and about half of each head
+class's images, say "a photo of a digit"). "seen-tail-only" is the first try at the seen regime,
+with every head image named (docs/model_seen.md); `--model-head-named N` trains other mixes.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ from research.digits import (
 from research.tiny_model import ComponentSpec, assemble_pipeline, build_components
 
 PROMPT_TEMPLATE = "a photo of the digit {}"
-GENERIC_CAPTION = "a photo of a digit"  # the seen regime's caption of unnamed tail images
+GENERIC_CAPTION = "a photo of a digit"  # the seen regimes' caption of unnamed images
 MODEL_NAMES = {
     "never-seen": "tiny-digits",
     "seen": "tiny-digits-seen",
-    "seen-mixed": "tiny-digits-seen-mixed",
+    "seen-tail-only": "tiny-digits-seen-tail-only",
 }
 # Every caption word is one token. The tokenizer sorts and dedups its words, so this gives the same
 # tokenizer as the first model's list (the template's words and the class names).

@@ -11,8 +11,8 @@ import pytest
 
 from research.digits import (
     CLASS_NAMES,
-    SEEN_MIXED_SPLIT,
     SEEN_SPLIT,
+    SEEN_TAIL_ONLY_SPLIT,
     SPLIT_NAMES,
     DigitsSplit,
     held_out_indices,
@@ -90,29 +90,49 @@ def test_exactly_model_tail_named_captions_name_each_tail_class(labels):
     counts = caption_counts(labels, train_idx, prompts)
     for c, name in enumerate(CLASS_NAMES):
         mine = [p for i, p in zip(train_idx, prompts) if labels[i] == c]
-        if c in TAIL:
-            assert counts[name] == {"named": 3, "generic": 97}
-            assert mine.count(PROMPT_TEMPLATE.format(name)) == SEEN_SPLIT.model_tail_named
-            assert mine.count(GENERIC_CAPTION) == len(mine) - SEEN_SPLIT.model_tail_named
-        else:
-            assert set(mine) == {PROMPT_TEMPLATE.format(name)}
+        named = SEEN_SPLIT.model_tail_named if c in TAIL else SEEN_SPLIT.model_head_named
+        assert counts[name] == {"named": named, "generic": len(mine) - named}
+        assert mine.count(PROMPT_TEMPLATE.format(name)) == named
+        assert mine.count(GENERIC_CAPTION) == len(mine) - named
+    assert {counts[CLASS_NAMES[c]]["named"] for c in TAIL} == {3}
     named = tail_named_indices(labels, SEEN_SPLIT)
     assert set(named) <= set(train_idx.tolist()) and len(named) == 6
     one = tail_named_indices(labels, replace(SEEN_SPLIT, model_tail_named=1))
     assert len(one) == 2 and set(one) <= set(named)  # fewer named: a subset of the same order
 
 
-def test_the_mixed_variant_gives_head_images_the_generic_caption_too(labels):
-    assert split_indices(labels, SEEN_MIXED_SPLIT) == split_indices(labels, SEEN_SPLIT)
-    train_idx = np.asarray(split_indices(labels, SEEN_MIXED_SPLIT)["model_train"])
-    counts = caption_counts(labels, train_idx, captions(labels, train_idx, SEEN_MIXED_SPLIT))
+def test_the_generic_caption_covers_every_class_and_is_no_name_of_the_tail(labels):
+    train_idx = np.asarray(split_indices(labels, SEEN_SPLIT)["model_train"])
+    counts = caption_counts(labels, train_idx, captions(labels, train_idx, SEEN_SPLIT))
+    generic = sum(v["generic"] for v in counts.values())
+    assert all(v["generic"] > 0 for v in counts.values())
+    assert 0.15 < counts["four"]["generic"] / generic < 0.2
+    assert 0.15 < counts["seven"]["generic"] / generic < 0.2
+
+
+def test_the_first_seen_try_named_every_head_image(labels):
+    assert split_indices(labels, SEEN_TAIL_ONLY_SPLIT) == split_indices(labels, SEEN_SPLIT)
+    train_idx = np.asarray(split_indices(labels, SEEN_TAIL_ONLY_SPLIT)["model_train"])
+    prompts = captions(labels, train_idx, SEEN_TAIL_ONLY_SPLIT)
     for c, name in enumerate(CLASS_NAMES):
-        assert counts[name]["named"] == (3 if c in TAIL else 45)
-    assert named_indices(labels, SEEN_MIXED_SPLIT, tail=True) == tail_named_indices(
+        mine = [p for i, p in zip(train_idx, prompts) if labels[i] == c]
+        if c not in TAIL:
+            assert set(mine) == {PROMPT_TEMPLATE.format(name)}
+    assert named_indices(labels, SEEN_TAIL_ONLY_SPLIT, tail=True) == tail_named_indices(
         labels, SEEN_SPLIT
     )
-    generic = sum(v["generic"] for v in counts.values())
-    assert 0.15 < counts["four"]["generic"] / generic < 0.2
+
+
+def test_model_head_named_on_the_command_line_changes_only_the_head_captions(monkeypatch):
+    from research import train_tiny_model
+
+    seen = []
+    monkeypatch.setattr(train_tiny_model, "train", lambda cfg, out: seen.append((cfg, out)))
+    train_tiny_model.main(["--regime", "seen", "--model-head-named", "60", "--out", "x"])
+    train_tiny_model.main(["--regime", "seen"])
+    (mixed, out), (plain, default_out) = seen
+    assert mixed.split == replace(SEEN_SPLIT, model_head_named=60) and str(out) == "x"
+    assert plain == regime_config("seen") and str(default_out) == "models/tiny-digits-seen"
 
 
 def test_every_caption_word_is_one_token(labels):
