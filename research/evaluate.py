@@ -567,14 +567,26 @@ def run_tasks(
     return {task.key: by_digest[digests[task.key]] for task in tasks}
 
 
+PAIRED_METRICS = ("rare", "head", "balanced", "rare_precision")  # paired against real data
+
+
 def accuracies(predicted: np.ndarray, labels: np.ndarray, rare: list[int]) -> dict[str, float]:
-    """Accuracy in points (0-100): rare classes, head classes, overall, and each rare class."""
+    """Accuracy in points (0-100): rare classes, head classes, overall, balanced (the mean of
+    every class's recall), rare precision (per rare class, the share of the images predicted as
+    it that are it; 0 if none is; averaged over the rare classes), and each rare class's recall.
+
+    Rare accuracy alone rewards a classifier that calls more images rare; balanced accuracy and
+    rare precision show what that costs."""
     is_rare = np.isin(labels, rare)
     correct = predicted == labels
+    recall = [correct[labels == c].mean() for c in np.unique(labels)]
+    precision = [correct[predicted == d].mean() if (predicted == d).any() else 0.0 for d in rare]
     out = {
         "rare": float(correct[is_rare].mean() * 100),
         "head": float(correct[~is_rare].mean() * 100),
         "overall": float(correct.mean() * 100),
+        "balanced": float(np.mean(recall) * 100),
+        "rare_precision": float(np.mean(precision) * 100),
     }
     for d in rare:
         out[CLASS_NAMES[d]] = float(correct[labels == d].mean() * 100)
@@ -1065,7 +1077,7 @@ def evaluate_test_split(
             }
             if v.key != "real":
                 entry[v.key]["vs_real"] = {
-                    m: paired(runs_acc[v.key], runs_acc["real"], m) for m in ("rare", "head")
+                    m: paired(runs_acc[v.key], runs_acc["real"], m) for m in PAIRED_METRICS
                 }
             if v.shipped and "prompt" in runs_acc:
                 entry[v.key]["vs_prompt"] = {
@@ -1086,7 +1098,7 @@ def evaluate_test_split(
         first[v.key] = {"label": label, "accuracy": summary(first_acc[v.key])}
         if v.key != "real":
             first[v.key]["vs_real"] = {
-                m: paired(first_acc[v.key], first_acc["real"], m) for m in ("rare", "head")
+                m: paired(first_acc[v.key], first_acc["real"], m) for m in PAIRED_METRICS
             }
     return per_recipe, first
 
@@ -1394,16 +1406,18 @@ def markdown(report: dict) -> str:
             lines += [
                 f"### {key}, recipe {recipe} ({ch['steps'][recipe]} steps), augmentation in the loop",
                 "",
-                "| variant | rare acc. | head acc. | rare minus real+aug (paired) | head minus real+aug (paired) | pairs |",
-                "|---|---:|---:|---:|---:|---:|",
+                "| variant | rare acc. | head acc. | rare minus real+aug (paired) | head minus real+aug (paired) | balanced acc. minus real+aug | rare precision minus real+aug | pairs |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for v in entry.values():
                 a = v["accuracy"]
                 if "vs_real" in v:
                     r, h = v["vs_real"]["rare"], v["vs_real"]["head"]
-                    diff = f"{_pm(r)} | {_pm(h)} | {r['pairs']}"
+                    more = [v["vs_real"].get(m) for m in ("balanced", "rare_precision")]
+                    more_text = " | ".join(_pm(m) if m else "" for m in more)
+                    diff = f"{_pm(r)} | {_pm(h)} | {more_text} | {r['pairs']}"
                 else:
-                    diff = "(reference) | (reference) | "
+                    diff = "(reference) | (reference) | (reference) | (reference) | "
                 lines.append(f"| {v['label']} | {_ms(a['rare'])} | {_ms(a['head'])} | {diff} |")
             if "vs_prompt" in entry.get("tailseed", {}):
                 vp = entry["tailseed"]["vs_prompt"]["rare"]

@@ -501,7 +501,25 @@ def test_accuracies_split_rare_and_head_in_points():
     labels = np.asarray([4, 4, 7, 7, 0, 1, 2, 3])
     predicted = np.asarray([4, 0, 7, 7, 0, 1, 2, 9])
     acc = accuracies(predicted, labels, [4, 7])
-    assert acc == {"rare": 75.0, "head": 75.0, "overall": 75.0, "four": 50.0, "seven": 100.0}
+    assert {k: acc[k] for k in ("rare", "head", "overall", "four", "seven")} == {
+        "rare": 75.0,
+        "head": 75.0,
+        "overall": 75.0,
+        "four": 50.0,
+        "seven": 100.0,
+    }
+
+
+def test_balanced_accuracy_and_rare_precision_count_head_images_called_rare():
+    labels = np.asarray([4, 4, 7, 7, 0, 1, 2, 3])
+    # a head image (a zero) called four: rare accuracy is unchanged, precision and balance drop
+    predicted = np.asarray([4, 0, 7, 7, 4, 1, 2, 9])
+    acc = accuracies(predicted, labels, [4, 7])
+    assert acc["rare"] == 75.0 and acc["head"] == 50.0
+    assert acc["balanced"] == pytest.approx(100 * 3.5 / 6)  # recalls .5, 1, 0, 1, 1, 0
+    assert acc["rare_precision"] == 75.0  # four: 1 of the 2 called four; seven: 2 of 2
+    none_called_seven = accuracies(np.asarray([4, 4, 4, 4, 0, 1, 2, 3]), labels, [4, 7])
+    assert none_called_seven["rare_precision"] == 25.0  # four 2 of 4, seven: none called
 
 
 def fake_regime(rare_diff: float, rare_std: float, head_diff: float, seen: bool) -> dict:
