@@ -44,6 +44,9 @@ def _start(config: Path, slow: float) -> subprocess.Popen:
         [sys.executable, "-m", "tailseed.jobs.augment", "--config", str(config)],
         cwd=REPO,
         env=env,
+        # a suite started in the background (`make test &`) inherits SIGINT ignored, and a child
+        # that ignores it cannot be interrupted; the run under test gets Ctrl-C as in a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
