@@ -3,7 +3,7 @@ the 8x8 digit space the evaluation's judge works in."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -57,9 +57,7 @@ SEEN_SPLIT = DigitsSplit(
 # The first try at that regime (docs/model_seen.md): every head image named, so the generic
 # caption labelled only tail images and acted as a name of {four, seven}; its plain tail prompts
 # drew a four or a seven at random (51% / 45% in class, above the regime's 30%).
-SEEN_TAIL_ONLY_SPLIT = DigitsSplit(
-    val_per_class=20, model_tail_per_class=100, model_tail_named=3, spare_is_test=True
-)
+SEEN_TAIL_ONLY_SPLIT = replace(SEEN_SPLIT, model_head_named=-1)
 NEVER_SEEN_SPLIT = DigitsSplit()
 REGIME_SPLITS = {
     "never-seen": NEVER_SEEN_SPLIT,

@@ -1358,6 +1358,20 @@ def _ms(stat: dict, digits: int = 1) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+def _ran_at(reg: dict) -> list[str]:
+    """A regime's "Run at commit ..." line and a blank line; none for a report without a commit."""
+    code = reg.get("code", {})
+    if not code.get("commit"):
+        return []
+    dirty = " (with uncommitted changes)" if code.get("dirty") else ""
+    kept = (
+        ", kept from an earlier run of the same protocol"
+        if reg.get("kept_from_an_earlier_run")
+        else ""
+    )
+    return [f"Run at commit {code['commit'][:7]}{dirty}{kept}.", ""]
+
+
 def markdown(report: dict) -> str:
     o = report["options"]
     lines = [
@@ -1375,20 +1389,7 @@ def markdown(report: dict) -> str:
         lines += [
             f"## Regime: {reg['label']} ({reg['model']})",
             "",
-            *(
-                [
-                    f"Run at commit {reg['code']['commit'][:7]}"
-                    + (" (with uncommitted changes)" if reg["code"].get("dirty") else "")
-                    + (
-                        ", kept from an earlier run of the same protocol."
-                        if reg.get("kept_from_an_earlier_run")
-                        else "."
-                    ),
-                    "",
-                ]
-                if reg.get("code", {}).get("commit")
-                else []
-            ),
+            *_ran_at(reg),
             f"User dataset {d['user_images']} images ({d['real_per_rare_class']} per rare class: "
             f"{', '.join(d['rare_classes'])}); every adding variant adds {d['added_per_rare_class']} "
             f"per rare class. Validation {d['val_images']} images ({d['val_rare_images']} rare); "
