@@ -386,8 +386,45 @@ def test_the_choice_phase_sees_only_validation_images_and_the_selection_only_val
     }
     choices = choice_phase(data, tiny_options(), adders, ["gen"], runner=runner)
     assert tasks_seen and offered and all(s.split == "val" for s in offered)
-    assert set(choices.mixing) == {"oversample", "gen"} and choices.shipped == "gen"
+    assert set(choices.mixing) == set(tiny_options().recipes)
+    assert all(set(m) == {"oversample", "gen"} for m in choices.mixing.values())
+    assert choices.shipped == "gen"
     assert set(choices.steps.values()) <= {2, 4}
+
+
+def test_mixing_is_chosen_per_recipe_and_the_shipped_candidate_on_the_mean_over_recipes():
+    """A scripted runner: on validation, candidate "a" is best with the small recipe by a little,
+    "b" with the wide one by a lot; each recipe prefers another mixing setting."""
+    data = toy_data()
+    rare = data.val_y == 2
+
+    def predictions(wrong_rare: int) -> np.ndarray:
+        pred = data.val_y.copy()
+        pred[np.flatnonzero(rare)[:wrong_rare]] = 0  # rare images called class 0
+        return pred
+
+    def wrong(key) -> int:
+        if key[0] == "steps":
+            return 3
+        _, recipe, variant, ratio, weight, _ = key
+        best = (0.1, 0.5) if recipe == "small" else (0.2, 1.0)
+        by_variant = {"small": {"a": 0, "b": 1}, "wide": {"a": 4, "b": 0}}[recipe]
+        return by_variant[variant] + (0 if (ratio, weight) == best else 2)
+
+    def runner(tasks, jobs, cache=None):
+        return {
+            t.key: {step: {"val": predictions(wrong(t.key))} for step in t.checkpoints}
+            for t in tasks
+        }
+
+    data.generated.update({(k, 0): data.generated[("gen", 0)] for k in ("a", "b")})
+    adders = {k: Variant(k, k, "generated") for k in ("a", "b")}
+    choices = choice_phase(data, tiny_options(), adders, ["a", "b"], runner=runner)
+    assert choices.mixing["small"] == {"a": (0.1, 0.5), "b": (0.1, 0.5)}
+    assert choices.mixing["wide"] == {"a": (0.2, 1.0), "b": (0.2, 1.0)}
+    assert choices.shipped == "b"  # a: rare errors 0 + 4, b: 1 + 0
+    assert choices.shipped_scores["b"].rare > choices.shipped_scores["a"].rare
+    assert choices.to_dict()["mixing"]["wide"]["b"] == {"ratio": 0.2, "weight": 1.0}
 
 
 def test_the_test_split_pairs_each_variant_run_with_real_data_of_the_same_seed():
@@ -403,7 +440,7 @@ def test_the_test_split_pairs_each_variant_run_with_real_data_of_the_same_seed()
     options = tiny_options()
     recipes = {"small": options.recipes["small"]}
     per_recipe, first = evaluate_test_split(
-        data, options, recipes, variants, {"oversample": (0.2, 1.0), "gen": (0.1, 0.5)}
+        data, options, recipes, variants, {"small": {"oversample": (0.2, 1.0), "gen": (0.1, 0.5)}}
     )
     entry = per_recipe["small"]
     assert "classic" not in entry and "classic" in first
