@@ -16,7 +16,8 @@ models/tiny-digits with configs/default.yaml; "seen, rarely named": models/tiny-
    refuse any other): each recipe's step count (from real data with augmentation); per recipe and
    variant, the share `ratio` of each batch that is added samples and their loss `weight` (a user
    tunes the loader for the classifier they train); and which tailseed candidate is "tailseed as
-   shipped" (one config for every recipe: the best mean over the recipes).
+   shipped" (one config for every recipe: the best mean over the recipes, among the candidates
+   whose draw-0 images meet the issue's image targets by the independent judge of step 6).
 4. Test ("as users train"): each variant, each recipe (`research.classifier.RECIPES`: the small
    DigitCNN and a wider CNN trained longer), every batch augmented on the fly, over training seeds
    x generation draws, as paired differences against real data with augmentation (same training
@@ -692,12 +693,14 @@ def choose_mixing(
     )
 
 
-def choose_shipped(candidates: dict[str, Scores]) -> str:
-    """Which tailseed candidate is "as shipped": the best validation rare accuracy (each candidate
-    at its chosen mixing, averaged over the recipes), then head; ties go to the first (the config
-    as it is)."""
+def choose_shipped(candidates: dict[str, Scores], eligible: Iterable[str] | None = None) -> str:
+    """Which tailseed candidate is "as shipped": among the `eligible` ones (those whose images meet
+    the image targets; all when none does), the best validation rare accuracy (each candidate at
+    its chosen mixing, averaged over the recipes), then head; ties go to the first (the config as
+    it is)."""
     _validation_only(candidates.values())
-    keys = list(candidates)
+    allowed = set(candidates if eligible is None else eligible) & set(candidates)
+    keys = [k for k in candidates if k in allowed] or list(candidates)
     return max(
         keys,
         key=lambda k: (
@@ -936,6 +939,7 @@ def choice_phase(
     adders: dict[str, Variant],
     candidates: list[str],
     runner=run_tasks,
+    eligible: Iterable[str] | None = None,
 ) -> Choices:
     """Every choice, on the validation split only (no task carries a test image).
 
@@ -943,8 +947,9 @@ def choice_phase(
        predicted at every candidate step (`choose_steps`).
     2. Per recipe and adding variant (`adders`, draw 0): every (ratio, weight) of the grid, the
        recipe at its chosen steps (`choose_mixing`, against real data of that recipe and steps).
-    3. Shipped: among `candidates` (keys of `adders`), each at its chosen mixing per recipe, the
-       best mean over the recipes (`choose_shipped`): one config ships for every classifier.
+    3. Shipped: among `candidates` (keys of `adders`) that are `eligible` (their images meet the
+       image targets), each at its chosen mixing per recipe, the best mean over the recipes
+       (`choose_shipped`): one config ships for every classifier.
     """
     val_eval = {"val": data.val_x}
     seeds = [VAL_SEED_OFFSET + i for i in range(options.val_seeds)]
@@ -1035,7 +1040,7 @@ def choice_phase(
     shipped_scores = {
         k: mean_over_recipes([mix_scores[n][k][mixing[n][k]] for n in recipes]) for k in candidates
     }
-    shipped = choose_shipped(shipped_scores)
+    shipped = choose_shipped(shipped_scores, eligible=eligible)
     return Choices(
         chosen_steps, mixing, shipped, reference, step_scores, mix_scores, shipped_scores
     )
@@ -1149,6 +1154,33 @@ def evaluate_test_split(
     return per_recipe, first
 
 
+# the issue's image targets, which a shipped candidate's draw-0 images must meet (percent)
+SHIPPED_MIN_IN_CLASS = 95.0
+SHIPPED_MAX_NEAR_COPIES = 2.0
+
+
+def candidate_quality(data: RegimeData, keys: list[str], judge, split: DigitsSplit) -> dict:
+    """Per shipped candidate, its draw-0 images judged by the independent judge (no validation or
+    test image is involved): judged in class and near-copies (percent), and whether they meet the
+    image targets (SHIPPED_MIN_IN_CLASS, SHIPPED_MAX_NEAR_COPIES). A candidate whose images are
+    not of their class must not ship, whatever a classifier's rare accuracy says: labelled images
+    of other classes raise rare accuracy by shifting the prior (docs/results.md)."""
+    sources = {d: data.user_x[data.user_y == d] for d in data.rare}
+    out = {}
+    for key in keys:
+        gen = data.generated[(key, 0)]
+        q = image_quality({r: gen.of(r) for r in data.rare}, sources, judge, split)
+        in_class, copies = 100 * q["judged_in_class"], 100 * q["near_copies"]
+        out[key] = {
+            "judged_in_class": round(in_class, 2),
+            "near_copies": round(copies, 2),
+            "meets_image_targets": bool(
+                in_class >= SHIPPED_MIN_IN_CLASS and copies <= SHIPPED_MAX_NEAR_COPIES
+            ),
+        }
+    return out
+
+
 def quality_phase(
     data: RegimeData, options: Options, all_variants: list[Variant], judge, split: DigitsSplit
 ) -> dict:
@@ -1226,7 +1258,10 @@ def evaluate_regime(
     adders = {v.key: v for v in all_variants if v.kind == "oversample"}
     adders.update({v.key: v for v in fixed})
     adders.update(cand_variants)
-    choices = choice_phase(data, options, adders, list(cand_variants))
+    judge = judge_factory(split)
+    candidate_images = candidate_quality(data, list(cand_variants), judge, split)
+    eligible = [k for k, q in candidate_images.items() if q["meets_image_targets"]]
+    choices = choice_phase(data, options, adders, list(cand_variants), eligible=eligible)
     shipped_key = choices.shipped.removeprefix("tailseed_")
     timings["validation_s"] = round(time.perf_counter() - t0, 1)
     recipes = {k: replace(r, steps=choices.steps[k]) for k, r in options.recipes.items()}
@@ -1270,7 +1305,7 @@ def evaluate_regime(
     timings["test_s"] = round(time.perf_counter() - t0, 1)
 
     # 5. the added images
-    quality = quality_phase(data, options, all_variants, judge_factory(split), split)
+    quality = quality_phase(data, options, all_variants, judge, split)
     timings["total_s"] = round(time.perf_counter() - started, 1)
     shown = {
         "sources": {CLASS_NAMES[d]: data.user_x[data.user_y == d] for d in rare},
@@ -1299,7 +1334,11 @@ def evaluate_regime(
             "test_head_images": int((~np.isin(data.test_y, rare)).sum()),
             "split_indices": {k: v for k, v in data.indices.items() if k != "user"},
         },
-        "choices": {**choices.to_dict(), "shipped_overrides": list(candidates[shipped_key])},
+        "choices": {
+            **choices.to_dict(),
+            "shipped_overrides": list(candidates[shipped_key]),
+            "candidate_images_draw0": candidate_images,
+        },
         "variants": {
             v.key: {"label": v.label, "kind": v.kind, "overrides": list(v.overrides)}
             for v in all_variants
@@ -1419,6 +1458,25 @@ def _ran_at(reg: dict) -> list[str]:
     return [f"Run at commit {code['commit'][:7]}{dirty}{kept}.", ""]
 
 
+def _eligibility_text(choices: dict) -> list[str]:
+    """The candidates' draw-0 images and which of them could ship (a report from before the image
+    targets entered the choice has none)."""
+    cands = choices.get("candidate_images_draw0")
+    if not cands:
+        return []
+    listed = ", ".join(
+        f"{k} {q['judged_in_class']:.1f}% in class, {q['near_copies']:.1f}% near-copies"
+        + ("" if q["meets_image_targets"] else " (not eligible)")
+        for k, q in cands.items()
+    )
+    return [
+        f"Candidates' images (draw 0, independent judge; eligible to ship at >= "
+        f"{SHIPPED_MIN_IN_CLASS:g}% in class and <= {SHIPPED_MAX_NEAR_COPIES:g}% near-copies): "
+        f"{listed}.",
+        "",
+    ]
+
+
 def _mixing_text(mixing: dict) -> str:
     """The chosen (ratio, weight) per recipe and variant (a report from before per-recipe mixing
     has one setting per variant for every recipe)."""
@@ -1459,6 +1517,7 @@ def markdown(report: dict) -> str:
             f"Chosen on validation: steps {ch['steps']}; shipped = {ch['shipped']} "
             f"(overrides {ch['shipped_overrides'] or 'none'}); {_mixing_text(ch['mixing'])}.",
             "",
+            *_eligibility_text(ch),
         ]
         for recipe, entry in reg["as_users_train"].items():
             lines += [

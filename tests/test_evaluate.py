@@ -30,6 +30,7 @@ from research.evaluate import (
     RegimeData,
     Scores,
     Variant,
+    _eligibility_text,
     accuracies,
     choice_phase,
     choose_mixing,
@@ -366,9 +367,9 @@ def test_the_choice_phase_sees_only_validation_images_and_the_selection_only_val
     for name in ("choose_steps", "choose_mixing", "choose_shipped"):
         real = getattr(ev, name)
 
-        def spy(*args, _real=real):
+        def spy(*args, _real=real, **kw):
             offered.extend(s for a in args for s in (a.values() if isinstance(a, dict) else [a]))
-            return _real(*args)
+            return _real(*args, **kw)
 
         monkeypatch.setattr(ev, name, spy)
     tasks_seen = []
@@ -425,6 +426,26 @@ def test_mixing_is_chosen_per_recipe_and_the_shipped_candidate_on_the_mean_over_
     assert choices.shipped == "b"  # a: rare errors 0 + 4, b: 1 + 0
     assert choices.shipped_scores["b"].rare > choices.shipped_scores["a"].rare
     assert choices.to_dict()["mixing"]["wide"]["b"] == {"ratio": 0.2, "weight": 1.0}
+
+
+def test_a_candidate_whose_images_miss_the_image_targets_does_not_ship_however_it_scores():
+    val = {
+        "a": Scores("val", 90.0, 97.0, 96.0, 2),
+        "far": Scores("val", 96.0, 95.0, 95.0, 2),  # best rare accuracy, images out of class
+        "b": Scores("val", 91.0, 96.0, 95.5, 2),
+    }
+    assert choose_shipped(val) == "far"
+    assert choose_shipped(val, eligible=["a", "b"]) == "b"
+    assert choose_shipped(val, eligible=[]) == "far"  # none eligible: the scores decide
+    report = {
+        "candidate_images_draw0": {
+            "a": {"judged_in_class": 100.0, "near_copies": 0.0, "meets_image_targets": True},
+            "far": {"judged_in_class": 87.5, "near_copies": 0.0, "meets_image_targets": False},
+        }
+    }
+    text = " ".join(_eligibility_text(report))
+    assert "far 87.5% in class, 0.0% near-copies (not eligible)" in text
+    assert "a 100.0% in class, 0.0% near-copies," in text
 
 
 def test_the_test_split_pairs_each_variant_run_with_real_data_of_the_same_seed():
