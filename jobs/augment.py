@@ -624,6 +624,10 @@ def run(
             f"dataset.class_names (a mapping or a file) for prompts the model understands"
         )
     check_paths(config, out)
+    if config.filter.enabled and config.filter.clip_judge:
+        from tailseed.pipeline.clip_judge import describe_clip_judge
+
+        describe_clip_judge(config.filter.clip_judge)  # a CLIP model that cannot load stops here
     if not plan.counts or not sum(plan.counts.values()):
         raise UserError(
             f"dataset.path {config.dataset.path}: no labelled image was listed (format "
@@ -784,6 +788,7 @@ def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: 
                 config.dataset.image_column,
                 out / "filter",
                 log,
+                {c: prompt_for(name, config.select) for c, name in plan.classes.items()},
             )
         num_shards = run_generation(plan, slots, runner, out, timings, nodes)
     finally:

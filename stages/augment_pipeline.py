@@ -91,10 +91,16 @@ def output_hash(config: AugmentConfig) -> str:
 
 # Inputs that a config file names by path. A relative one is looked up beside the config file
 # first, so that a config and its data can live anywhere; where nothing is there it is taken as
-# written: relative to the working directory (model.path also beside the repository, or a hub id).
+# written: relative to the working directory (model.path also beside the repository, or a hub id;
+# filter.clip_judge also a hub id).
 # Outputs (output_dir, and dataset.path where `materialize` writes the embedded dataset) are
 # always relative to the working directory. `--set` values are the shell's: never looked up.
-CONFIG_RELATIVE = (("dataset", "path"), ("dataset", "class_names"), ("model", "path"))
+CONFIG_RELATIVE = (
+    ("dataset", "path"),
+    ("dataset", "class_names"),
+    ("model", "path"),
+    ("filter", "clip_judge"),
+)
 
 
 def resolve_beside(data: dict, config_dir: Path) -> dict:

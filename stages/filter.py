@@ -6,9 +6,12 @@ Generation over-generates `pool_factor` candidates per image to keep. Two scores
 - the RMS distance to the nearest real image of the dataset (every class, at the judge's working
   resolution); a candidate closer than the near-copy threshold (a low percentile of the real
   images' own nearest-neighbour distances within their class) is a near-copy and is dropped.
-Per shard and class, the candidates that are not near-copies are ranked by the judge's score and
-the best are kept, up to the class's slots in the shard. Every kept sample's JSON gains a
-"filter" entry with its scores and the threshold, so a user can re-threshold without regenerating.
+With `clip_judge` set, a third: a CLIP model's zero-shot probability of the intended class among
+the dataset's classes, each described by its generation prompt (`pipeline.clip_judge`).
+Per shard and class, the candidates that are not near-copies are ranked by the judge's score
+(times the CLIP probability when the CLIP judge is on: a candidate must convince both) and the
+best are kept, up to the class's slots in the shard. Every kept sample's JSON gains a "filter"
+entry with its scores and the threshold, so a user can re-threshold without regenerating.
 
 Unit in:  the generate stage's output: shard, key, image (N, H, W, 3) uint8, ok (N,) bool,
           cls (N,) int64, meta (N,) str, slots (N,) int64 (per row: how many samples its class
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tailseed.pipeline.config import NOT_HASHED
+from tailseed.pipeline.config import HASHED_UNLESS_DEFAULT, NOT_HASHED
 from tailseed.pipeline.datasets import Listing, read_bytes
 from tailseed.pipeline.errors import UserError
 from tailseed.pipeline.images import SkipSample, decode_image
@@ -51,6 +54,9 @@ class FilterConfig:
     judge_folds: int = 3  # cross-fitted judge models
     judge_steps: int = 300  # updates per judge model
     judge_seed: int = 0
+    # a second judge: a CLIP model (a local folder, or a hub id already in the local Hugging Face
+    # cache; never downloaded); "" is off, and the ranking is the self-judge's alone
+    clip_judge: str = field(default="", metadata=HASHED_UNLESS_DEFAULT)
     resources: Resources = field(
         default_factory=lambda: Resources(num_cpus=0.25), metadata=NOT_HASHED
     )
@@ -101,9 +107,14 @@ def prepare(
     image_column: str,
     folder: Path,
     log=print,
+    class_texts: dict[int, str] | None = None,
 ) -> dict:
     """Train the self-judge and collect the references, once per run, into `folder` (reused when
-    there): judge.safetensors, references.npy and filter.json (what the filter stage reads)."""
+    there): judge.safetensors, references.npy and filter.json (what the filter stage reads).
+
+    With `config.clip_judge` set, `class_texts` gives the text CLIP compares images with, per
+    class index (the class's prompt); the model is loaded here once, so that one that cannot be
+    used stops the run in the driver, and filter.json describes it."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -122,7 +133,9 @@ def prepare(
     class_indices = sorted({int(c) for c in labels})
     position = {c: i for i, c in enumerate(class_indices)}
     targets = np.asarray([position[int(c)] for c in labels], np.int64)
-    # 2. the cross-fitted judge, on one thread: the same images give the same judge
+    # 2. the CLIP judge, when on: which model, and one text per class of the self-judge
+    clip = _describe_clip(config, class_indices, class_texts) if config.clip_judge else None
+    # 3. the cross-fitted judge, on one thread: the same images give the same judge
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -130,7 +143,7 @@ def prepare(
         judge = train_self_judge(images, targets, len(class_indices), training)
     finally:
         torch.set_num_threads(threads)
-    # 3. references and the near-copy threshold, at the judge's working resolution
+    # 4. references and the near-copy threshold, at the judge's working resolution
     threshold = near_copy_threshold(images, labels, config.near_copy_percentile)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".judge.safetensors.tmp"
@@ -155,13 +168,42 @@ def prepare(
             str(class_indices[k]): round(v, 4) for k, v in judge.oof_accuracy_per_class.items()
         },
     }
+    if clip is not None:
+        summary["clip_judge"] = clip
     atomic_write(summary_path, dumps(summary))
     log(
         f"filter: self-judge on {len(labels)} real images, out-of-fold accuracy "
         f"{judge.oof_accuracy:.1%}; near-copy threshold {threshold:.4f} (RMS, percentile "
         f"{config.near_copy_percentile:g})"
+        + (f"; CLIP judge {config.clip_judge} (weights {clip['weights_hash']})" if clip else "")
     )
     return summary
+
+
+def _describe_clip(
+    config: FilterConfig, class_indices: list[int], class_texts: dict[int, str] | None
+) -> dict:
+    """filter.json's "clip_judge": the model (pipeline.clip_judge.describe_clip_judge) and the
+    text of every class the self-judge knows, by class index."""
+    from tailseed.pipeline.clip_judge import describe_clip_judge
+
+    missing = [c for c in class_indices if c not in (class_texts or {})]
+    if missing:
+        raise ValueError(f"filter.clip_judge needs a text for every class; none for {missing}")
+    return {
+        **describe_clip_judge(config.clip_judge),
+        "texts": {str(c): class_texts[c] for c in class_indices},
+    }
+
+
+def ranked(
+    rows: list[int], judge_score: np.ndarray, clip_score: np.ndarray | None, keys
+) -> list[int]:
+    """`rows` best first: by the self-judge's probability of the intended class, times the CLIP
+    judge's when it is on (both probabilities, so the product is high only where both agree), then
+    by key so that ties are broken the same way on every run."""
+    score = judge_score if clip_score is None else judge_score * clip_score
+    return sorted(rows, key=lambda i: (-float(score[i]), str(keys[i])))
 
 
 class FilterStage:
@@ -177,7 +219,12 @@ class FilterStage:
         folds: int,
         near_copy_threshold: float,
         pool_factor: int,
+        clip_judge: str = "",
+        clip_revision: str | None = None,
+        clip_texts: list[str] | None = None,
     ):
+        """`clip_judge` (a folder or a cached hub id at `clip_revision`; "" is off) with
+        `clip_texts`, one per class in the order of `class_indices`."""
         from safetensors.torch import load_file
 
         from tailseed.pipeline.self_judge import SelfJudge
@@ -187,6 +234,11 @@ class FilterStage:
         self.references = np.load(references)
         self.threshold = float(near_copy_threshold)
         self.pool_factor = int(pool_factor)
+        self.clip = None
+        if clip_judge:
+            from tailseed.pipeline.clip_judge import ClipJudge
+
+            self.clip = ClipJudge.load(clip_judge, list(clip_texts or []), clip_revision)
 
     @staticmethod
     def spec(config, shards_dir: Path) -> Stage | None:
@@ -204,6 +256,13 @@ class FilterStage:
             "near_copy_threshold": summary["near_copy_threshold"],
             "pool_factor": config.filter.pool_factor,
         }
+        clip = summary.get("clip_judge")
+        if clip is not None:
+            # a hub id at the revision the driver described (each node reads its own cache),
+            # a local folder by its absolute path
+            kwargs["clip_judge"] = clip["model"] if clip["revision"] else clip["folder"]
+            kwargs["clip_revision"] = clip["revision"]
+            kwargs["clip_texts"] = [clip["texts"][str(c)] for c in summary["class_indices"]]
         return Stage(FilterStage.name, FilterStage, kwargs, config.filter.resources)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -212,11 +271,13 @@ class FilterStage:
         n = len(batch["key"])
         ok = np.asarray(batch["ok"], bool).copy()
         reason = np.asarray(batch.get("skip_reason", np.full(n, "")), dtype=object).copy()
-        # 1. score every candidate: the judge's probability of its class, the nearest real image
+        # 1. score every candidate: the judge's probability of its class (and CLIP's, when on),
+        # the nearest real image
         classes = np.asarray([self.position[int(c)] for c in batch["cls"]])
         score = self.judge.score(batch["image"], classes)
+        clip = None if self.clip is None else self.clip.score(batch["image"], classes)
         nearest = rms_distances(working_images(batch["image"]), self.references)
-        # 2. per class: drop near-copies, then keep the best-scored up to the class's slots
+        # 2. per class: drop near-copies, then keep the best-ranked up to the class's slots
         meta = list(batch["meta"])
         for c in np.unique(batch["cls"]):
             rows = np.flatnonzero(batch["cls"] == c)
@@ -225,8 +286,7 @@ class FilterStage:
                 if ok[i] and nearest[i] < self.threshold:
                     ok[i], reason[i] = False, "near_copy"
             eligible = [i for i in rows if ok[i]]
-            ranked = sorted(eligible, key=lambda i: (-float(score[i]), str(batch["key"][i])))
-            for rank, i in enumerate(ranked):
+            for rank, i in enumerate(ranked(eligible, score, clip, batch["key"])):
                 if rank >= slots:
                     ok[i], reason[i] = False, "not_kept"
                     continue
@@ -239,6 +299,8 @@ class FilterStage:
                     "candidates": int(len(rows)),
                     "pool_factor": self.pool_factor,
                 }
+                if clip is not None:
+                    sample["filter"]["clip_score"] = round(float(clip[i]), 6)
                 meta[i] = json.dumps(sample, sort_keys=True, ensure_ascii=False)
         return {
             **batch,
