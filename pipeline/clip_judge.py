@@ -48,16 +48,14 @@ def resolve_clip_folder(name: str, revision: str | None = None) -> tuple[Path, s
     hub_like = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not hub_like:
         raise UserError(f"{KEY} {name!r}: no such folder; {_hint(name)}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from tailseed.pipeline.models import cached_snapshot
 
-    try:
-        folder = Path(snapshot_download(name, revision=revision, local_files_only=True))
-    except (LocalEntryNotFoundError, OSError, ValueError) as exc:
+    folder = cached_snapshot(name, revision)
+    if folder is None:
         raise UserError(
             f"{KEY} {name!r}: no such folder, and not in the local Hugging Face cache; "
             f"{_hint(name)}"
-        ) from exc
+        )
     return folder, folder.name
 
 

@@ -201,24 +201,30 @@ def read_card(folder: Path) -> dict:
     return json.loads(card.read_text()) if card.is_file() else {}
 
 
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local Hugging Face cache's snapshot of a hub id at `revision` (never downloaded), or
+    None when the cache does not hold it; each caller says what to do in its own words."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
 def resolve_folder(spec: ModelSpec) -> Path:
     """The checked pipeline folder of `spec`: a local folder, or the local Hugging Face cache's
     snapshot of a hub id (never downloaded)."""
     folder = _local_folder(spec.path)
     if folder is None:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            folder = Path(
-                snapshot_download(spec.path, revision=spec.revision, local_files_only=True)
-            )
-        except (LocalEntryNotFoundError, OSError, ValueError) as exc:
+        folder = cached_snapshot(spec.path, spec.revision)
+        if folder is None:
             raise ModelError(
                 f"model {spec.path!r}: not in the local Hugging Face cache. Download it on a machine "
                 f"with network access (huggingface-cli download {spec.path}) or point model.path at "
                 f"a local folder."
-            ) from exc
+            )
     check_model_folder(folder)
     return folder
 
