@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -11,6 +12,12 @@ import pytest
 import yaml
 
 from research.tiny_model import ComponentSpec
+
+# How long a test waits on a child process (a job, a node) before it calls it hung. A guard against a
+# hang, never a timing expectation: on a loaded machine a run takes many times its unloaded time
+# (the tests' runs take seconds to a few minutes alone), and a wait that is shorter than the run
+# fails a test whose behaviour is right. TAILSEED_TEST_HUNG_S overrides it.
+HUNG_S = float(os.environ.get("TAILSEED_TEST_HUNG_S", "1800"))
 
 # A Stable-Diffusion-shaped model small enough to run a step in milliseconds: 16x16 px, 8x8 latents.
 TINY_SPEC = ComponentSpec(
@@ -78,9 +85,10 @@ def start_augment(config: Path, env: dict) -> subprocess.Popen:
     )
 
 
-def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = HUNG_S) -> None:
     """Poll `predicate` until it holds while `proc` runs; the test fails if the process ends
-    first, or (after killing it) if `what` never comes within `timeout` seconds."""
+    first, or (after killing it) if `what` has not come after `timeout` seconds, the process
+    still running (hung)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
@@ -90,4 +98,4 @@ def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 240)
             pytest.fail(f"the job ended before {what}: {tail}")
         time.sleep(0.05)
     proc.kill()
-    pytest.fail(f"{what} never came")
+    pytest.fail(f"{what} had not come after {timeout:.0f} s, the job still running (hung?)")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from augment_helpers import HUNG_S
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -111,7 +112,7 @@ class Cluster:
         active = status.stdout.split("Pending:")[0]  # node lines are listed under "Active:"
         return active.count("node_")
 
-    def wait_for_nodes(self, count: int, timeout: float = 180) -> None:
+    def wait_for_nodes(self, count: int, timeout: float = HUNG_S) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.alive_nodes() == count:
@@ -213,7 +214,7 @@ def test_submitted_job_runs_on_both_nodes(cluster, tmp_path):
     path = short_config(out)
     try:
         proc = make_augment(path, cluster, tmp_path / "make.log")
-        proc.wait(timeout=600)
+        proc.wait(timeout=HUNG_S)
     finally:
         path.unlink()
     stdout = (tmp_path / "make.log").read_text()
@@ -249,7 +250,7 @@ def test_worker_node_killed_mid_run_then_resume(cluster, tmp_path, after_kill):
         # kill when a shard has sat half written for 2 s (the doomed node's), or at the latest
         # when the first shard is done: either way the doomed node holds part of the work
         seen: dict[str, float] = {}
-        deadline = time.time() + 400
+        deadline = time.time() + HUNG_S
         while time.time() < deadline and proc.poll() is None:
             now = time.time()
             for tmp in shards.glob(".*.tar.*.tmp"):
@@ -265,7 +266,7 @@ def test_worker_node_killed_mid_run_then_resume(cluster, tmp_path, after_kill):
         assert done_at_kill < 4, "the run had finished before the node was killed"
         if after_kill == "stop_job":
             stop_jobs(cluster, tmp_path / "make1.log")
-            proc.wait(timeout=120)
+            proc.wait(timeout=HUNG_S)
             assert proc.returncode != 0  # the job ended STOPPED, and make says so
             assert len(list(shards.glob("*_stats.json"))) < 4  # work is left for the rerun
         cluster.worker = cluster.start_worker("replacement")
@@ -276,7 +277,7 @@ def test_worker_node_killed_mid_run_then_resume(cluster, tmp_path, after_kill):
             stop_jobs(cluster, tmp_path / "make1.log")
         cluster.wait_for_nodes(2)
         again = make_augment(path, cluster, tmp_path / "make2.log")
-        again.wait(timeout=600)
+        again.wait(timeout=HUNG_S)
         log2 = (tmp_path / "make2.log").read_text()
         assert again.returncode == 0, log2[-6000:]
         if after_kill == "stop_job":
@@ -307,7 +308,7 @@ def stop_jobs(cluster: Cluster, log: Path) -> None:
             [cluster.ray, "job", "stop", "--address", cluster.address, job_id],
             env=cluster.env,
             capture_output=True,
-            timeout=120,
+            timeout=HUNG_S,
         )
 
 
@@ -336,7 +337,7 @@ def test_unreachable_address_fails_fast_and_names_it(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HUNG_S,
     )
     assert result.returncode == 2
     assert f"http://127.0.0.1:{port}" in result.stderr and "no Ray job server" in result.stderr
@@ -366,7 +367,7 @@ def test_relative_paths_are_refused_before_submitting(overrides, named, tmp_path
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HUNG_S,
     )
     assert result.returncode == 2, result.stderr
     assert named in result.stderr and "no Ray job server" not in result.stderr
@@ -391,7 +392,7 @@ def test_a_local_run_beside_a_running_cluster_starts_a_private_ray(cluster, tmp_
             env={**cluster.env, "RAY_AUTH_MODE": "disabled"},
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=HUNG_S,
         )
     finally:
         path.unlink()

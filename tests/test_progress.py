@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from augment_helpers import shard_files, write_config
+from augment_helpers import HUNG_S, shard_files, write_config
 from PIL import Image
 
 from tailseed.jobs import cli, console
@@ -139,7 +139,7 @@ def test_augment_in_process_advances_per_image(tmp_path, tiny_model_dir, small_d
         assert set(range(1, total + 1)) <= set(counts)
 
 
-def _augment(config: Path, *flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _augment(config: Path, *flags: str, timeout: float = HUNG_S) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tailseed.jobs.augment", "--config", str(config), *flags],
         cwd=REPO,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from augment_helpers import shard_files, wait_for, write_config
+from augment_helpers import HUNG_S, shard_files, wait_for, write_config
 
 from tailseed.jobs.augment import run
 from tailseed.pipeline.config import from_dict
@@ -174,7 +174,7 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_no_temp_files(
     proc = _start(config, slow=30)
     wait_for(lambda: list((out / "seeds").glob(".*.tmp")), proc, "a temporary file")
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HUNG_S)
     assert proc.returncode == code
     assert f"tailseed augment: {word}; rerun the same command to resume" in err
     assert "Traceback" not in err
@@ -205,7 +205,7 @@ def test_disk_full_is_one_line_and_the_rerun_completes(
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (free - 120_000))  # room for the plan's estimate, not the sheets
     proc = _start(config, slow=0)
-    _, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=HUNG_S)
     assert proc.returncode == 2, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith("tailseed augment:")]
     assert len(lines) == 1 and "no space left on the device while writing" in lines[0]
