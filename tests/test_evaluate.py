@@ -313,9 +313,11 @@ def test_choose_mixing_keeps_head_within_tolerance_and_choose_steps_prefers_fewe
     cands = {
         (0.1, 0.5): Scores("val", 85, 94.5, 93, 2),
         (0.2, 1.0): Scores("val", 95, 90.0, 91, 2),  # more rare, but costs 5 head points
-        (0.2, 0.5): Scores("val", 85, 95.0, 93, 2),  # ties with the first: the first wins
+        (0.2, 0.5): Scores("val", 85, 94.5, 93, 2),  # ties with the first on both: the first wins
     }
     assert choose_mixing(cands, ref) == (0.1, 0.5)
+    cands[(0.2, 0.5)] = Scores("val", 85, 95.0, 93, 2)  # a tie on rare: the better head wins
+    assert choose_mixing(cands, ref) == (0.2, 0.5)
     assert choose_steps({300: Scores("val", 0, 0, 90, 1), 600: Scores("val", 0, 0, 90, 1)}) == 300
     assert choose_steps({300: Scores("val", 0, 0, 90, 1), 600: Scores("val", 0, 0, 91, 1)}) == 600
     assert (
