@@ -83,6 +83,7 @@ class Plan:
     failed: dict[str, str] = field(default_factory=dict)  # source key -> why its inversion failed
     filter: dict = field(default_factory=dict)  # the filter's judge and threshold, when on
     health: dict = field(default_factory=dict)  # class index (str) -> reconstruction health
+    clip_judge: dict | None = None  # the CLIP judge described (loaded once), when it is on
 
 
 def make_plan(config: AugmentConfig) -> Plan:
@@ -627,7 +628,8 @@ def run(
     if config.filter.enabled and config.filter.clip_judge:
         from tailseed.pipeline.clip_judge import describe_clip_judge
 
-        describe_clip_judge(config.filter.clip_judge)  # a CLIP model that cannot load stops here
+        # loaded once, here: a CLIP model that cannot load stops the run (or dry run) before any work
+        plan.clip_judge = describe_clip_judge(config.filter.clip_judge)
     if not plan.counts or not sum(plan.counts.values()):
         raise UserError(
             f"dataset.path {config.dataset.path}: no labelled image was listed (format "
@@ -789,6 +791,7 @@ def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: 
                 out / "filter",
                 log,
                 {c: prompt_for(name, config.select) for c, name in plan.classes.items()},
+                clip_described=plan.clip_judge,
             )
         num_shards = run_generation(plan, slots, runner, out, timings, nodes)
     finally:

@@ -108,13 +108,16 @@ def prepare(
     folder: Path,
     log=print,
     class_texts: dict[int, str] | None = None,
+    clip_described: dict | None = None,
 ) -> dict:
     """Train the self-judge and collect the references, once per run, into `folder` (reused when
     there): judge.safetensors, references.npy and filter.json (what the filter stage reads).
 
     With `config.clip_judge` set, `class_texts` gives the text CLIP compares images with, per
-    class index (the class's prompt); the model is loaded here once, so that one that cannot be
-    used stops the run in the driver, and filter.json describes it."""
+    class index (the class's prompt), and filter.json describes the model:
+    `clip_described` when the caller has loaded it already (`describe_clip_judge`, as the augment
+    job does before any work), else the model is loaded here, in the driver, so that one that
+    cannot be used stops the run before generation."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -134,7 +137,11 @@ def prepare(
     position = {c: i for i, c in enumerate(class_indices)}
     targets = np.asarray([position[int(c)] for c in labels], np.int64)
     # 2. the CLIP judge, when on: which model, and one text per class of the self-judge
-    clip = _describe_clip(config, class_indices, class_texts) if config.clip_judge else None
+    clip = (
+        _describe_clip(config, class_indices, class_texts, clip_described)
+        if config.clip_judge
+        else None
+    )
     # 3. the cross-fitted judge, on one thread: the same images give the same judge
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -181,17 +188,25 @@ def prepare(
 
 
 def _describe_clip(
-    config: FilterConfig, class_indices: list[int], class_texts: dict[int, str] | None
+    config: FilterConfig,
+    class_indices: list[int],
+    class_texts: dict[int, str] | None,
+    described: dict | None = None,
 ) -> dict:
-    """filter.json's "clip_judge": the model (pipeline.clip_judge.describe_clip_judge) and the
-    text of every class the self-judge knows, by class index."""
+    """filter.json's "clip_judge": the model (`described`, or pipeline.clip_judge's
+    describe_clip_judge now) and the text of every class the self-judge knows, by class index."""
     from tailseed.pipeline.clip_judge import describe_clip_judge
 
     missing = [c for c in class_indices if c not in (class_texts or {})]
     if missing:
         raise ValueError(f"filter.clip_judge needs a text for every class; none for {missing}")
+    if described is not None and described.get("model") != config.clip_judge:
+        raise ValueError(
+            f"the CLIP judge described is {described.get('model')!r}, the config's "
+            f"{config.clip_judge!r}"
+        )
     return {
-        **describe_clip_judge(config.clip_judge),
+        **(described or describe_clip_judge(config.clip_judge)),
         "texts": {str(c): class_texts[c] for c in class_indices},
     }
 

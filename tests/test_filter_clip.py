@@ -255,8 +255,20 @@ def test_the_shipped_configs_show_how_to_turn_it_on(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_augment_with_the_clip_judge_end_to_end(tmp_path, tiny_model_dir, small_dataset, tiny_clip):
+def test_augment_with_the_clip_judge_end_to_end(
+    tmp_path, tiny_model_dir, small_dataset, tiny_clip, monkeypatch
+):
     from tailseed.jobs.augment import run
+    from tailseed.pipeline import clip_judge
+
+    described = []  # the driver loads the model to describe it once per run, not per use
+    real_describe = clip_judge.describe_clip_judge
+
+    def counted(name):
+        described.append(name)
+        return real_describe(name)
+
+    monkeypatch.setattr(clip_judge, "describe_clip_judge", counted)
 
     overrides = [
         "filter.enabled=true",
@@ -266,6 +278,7 @@ def test_augment_with_the_clip_judge_end_to_end(tmp_path, tiny_model_dir, small_
     ]
     path = write_config(tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "a")
     report = run(load_config(path, overrides))
+    assert described == [str(tiny_clip)]
     clip = report["filter"]["clip_judge"]
     assert clip["model"] == str(tiny_clip) and len(clip["weights_hash"]) == 16
     # the texts are the classes' prompts, as generation used them
