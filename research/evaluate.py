@@ -691,14 +691,7 @@ def choose_mixing(
     keys = list(candidates)
     ok = [k for k in keys if candidates[k].head >= reference.head - HEAD_TOLERANCE]
     if ok:
-        return max(
-            ok,
-            key=lambda k: (
-                round(candidates[k].rare, 6),
-                round(candidates[k].head, 6),
-                -keys.index(k),
-            ),
-        )
+        return _best_rare_then_head(ok, candidates)
     return max(
         keys, key=lambda k: (round(candidates[k].rare + candidates[k].head, 6), -keys.index(k))
     )
@@ -712,13 +705,15 @@ def choose_shipped(candidates: dict[str, Scores], eligible: Iterable[str] | None
     _validation_only(candidates.values())
     allowed = set(candidates if eligible is None else eligible) & set(candidates)
     keys = [k for k in candidates if k in allowed] or list(candidates)
+    return _best_rare_then_head(keys, candidates)
+
+
+def _best_rare_then_head(keys: list, scores: dict) -> object:
+    """The key of `keys` with the best validation rare accuracy, a tie going to the better head
+    accuracy and a tie on both to the earliest in `keys`."""
     return max(
         keys,
-        key=lambda k: (
-            round(candidates[k].rare, 6),
-            round(candidates[k].head, 6),
-            -keys.index(k),
-        ),
+        key=lambda k: (round(scores[k].rare, 6), round(scores[k].head, 6), -keys.index(k)),
     )
 
 
