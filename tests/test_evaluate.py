@@ -32,6 +32,7 @@ from research.evaluate import (
     Variant,
     _eligibility_text,
     accuracies,
+    at_grid_edge,
     choice_phase,
     choose_mixing,
     choose_shipped,
@@ -308,6 +309,20 @@ def test_choices_refuse_anything_but_validation_scores():
         choose_shipped({"config": test})
 
 
+def test_choose_steps_takes_the_fewest_within_tolerance_and_flags_the_grid_edge():
+    def val(overall):
+        return Scores("val", 0, 0, overall, 3)
+
+    # the 3c53734 seen regime's wide curve, extended: 1600 is within 0.5 of 2400's best
+    curve = {800: val(89.17), 1600: val(95.83), 2000: val(93.5), 2400: val(96.0)}
+    assert choose_steps(curve, tolerance=0.5) == 1600
+    assert choose_steps(curve, tolerance=0.1) == 2400
+    assert choose_steps({300: val(96.3), 600: val(99.0), 900: val(98.3)}, tolerance=0.5) == 600
+    grid = {"small": (300, 600, 900), "wide": (400, 800, 1200), "one": (700,)}
+    assert at_grid_edge({"small": 600, "wide": 1200, "one": 700}, grid) == ["wide"]
+    assert at_grid_edge({"small": 300, "wide": 800}, grid) == []
+
+
 def test_choose_mixing_keeps_head_within_tolerance_and_choose_steps_prefers_fewer():
     ref = Scores("val", 80, 95, 93, 2)
     cands = {
@@ -393,6 +408,9 @@ def test_the_choice_phase_sees_only_validation_images_and_the_selection_only_val
     assert all(set(m) == {"oversample", "gen"} for m in choices.mixing.values())
     assert choices.shipped == "gen"
     assert set(choices.steps.values()) <= {2, 4}
+    grid = tiny_options().step_candidates
+    assert choices.steps_at_grid_edge == at_grid_edge(choices.steps, grid)
+    assert choices.to_dict()["steps_at_grid_edge"] == choices.steps_at_grid_edge
 
 
 def test_mixing_is_chosen_per_recipe_and_the_shipped_candidate_on_the_mean_over_recipes():
@@ -664,6 +682,17 @@ def test_targets_report_margins_per_regime_and_recipe(tmp_path):
         }
     )
     assert "never seen" in text and "| NO |" in text
+    assert "grid's largest candidate" not in text
+    report["regimes"]["seen"]["choices"]["steps_at_grid_edge"] = ["wide"]
+    flagged = markdown(
+        {
+            "options": {"seeds": 5, "draws": 3, "first_seeds": 5},
+            "regimes": report["regimes"],
+            "targets": values,
+            "timings": {"total_s": 1.0},
+        }
+    )
+    assert "**Steps chosen at the grid's largest candidate** for wide" in flagged
     plot_accuracy(
         {"options": {"seeds": 5, "draws": 3}, "regimes": report["regimes"]}, tmp_path / "a.png"
     )
