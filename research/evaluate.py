@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 import time
@@ -338,6 +339,41 @@ def ensure_run(config: AugmentConfig) -> tuple[dict, bool]:
         ):
             shutil.rmtree(config.out())
     return run_augment(config), False
+
+
+def shards_digest(shards_dir: Path) -> str:
+    """One digest of a run's shards: sha256 over the tar sha256 of every shard's stats file, in
+    shard order (two runs with the same digest wrote the same bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for stats in sorted(shards_dir.glob("*_stats.json")):
+        digest.update(json.loads(stats.read_text())["tar"]["sha256"].encode())
+    return digest.hexdigest()[:16]
+
+
+def machine() -> dict:
+    """What the numbers were computed on: CPU trainings are exactly repeatable on one machine,
+    but another CPU (other vector instructions, so other float rounding) may train differently."""
+    import platform
+
+    import torch
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "machine": platform.machine(),
+        "cpu": model or platform.processor(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+    }
 
 
 def code_version() -> dict:
@@ -889,6 +925,7 @@ def make_runs(
             log(f"{regime.key}: augment run {key} draw {draw}: {how}, {seconds:.0f}s")
             entry = {
                 "output_dir": str(config.out()),
+                "shards_sha256": shards_digest(config.out() / "shards"),
                 "overrides": list(overrides) + list(draw_overrides(base, draw)),
                 "config_hash": report["config_hash"],
                 "code_hash": report.get("code_hash"),
@@ -1536,6 +1573,14 @@ def markdown(report: dict) -> str:
         "choice was made on the validation split first.",
         "",
     ]
+    m = report.get("machine")
+    if m:
+        lines += [
+            f"Computed on {m['machine']}, {m['cpu']} ({m['cpu_capability']}), torch {m['torch']}, "
+            f"{m['cpus']} CPUs: trainings repeat exactly on one machine; another CPU may round "
+            "floats differently and train to other numbers.",
+            "",
+        ]
     for key, reg in report["regimes"].items():
         d = reg["data"]
         ch = reg["choices"]
@@ -1758,6 +1803,7 @@ def evaluate(
     reports, shown = {k: reports[k] for k in order}, {k: shown[k] for k in order}
     report = {
         "code": code_version(),
+        "machine": machine(),
         "options": options.to_dict(),
         "settings": {
             "recipes": "small: DigitCNN (16/32/64 channels, 3 conv blocks + linear); wide: WideCNN "

@@ -41,12 +41,14 @@ from research.evaluate import (
     evaluate_test_split,
     image_quality,
     kept_regimes,
+    machine,
     markdown,
     paired,
     plot_accuracy,
     read_image_folder,
     read_run,
     run_tasks,
+    shards_digest,
     targets,
     walk_kind,
 )
@@ -733,3 +735,31 @@ def test_walk_kind_groups_positions_for_the_near_copy_breakdown():
     assert walk_kind({"sources": ["a", "b"], "weights": [0.8, 0.2]}) == "pair, max weight >= 0.7"
     assert walk_kind({"sources": ["a", "b"], "weights": [0.5, 0.5]}) == "pair, max weight < 0.7"
     assert walk_kind({"sources": list("abcde"), "weights": [0.2] * 5}) == "centroid"
+
+
+def test_shards_digest_names_the_bytes_of_a_runs_shards(tmp_path):
+    def write(index: int, sha: str) -> None:
+        stats = {"tar": {"bytes": 1, "sha256": sha, "keys": []}}
+        (tmp_path / f"{index:05d}_stats.json").write_text(json.dumps(stats))
+
+    write(0, "aa")
+    write(1, "bb")
+    first = shards_digest(tmp_path)
+    assert first == shards_digest(tmp_path) and len(first) == 16
+    write(1, "bc")  # one shard with other bytes
+    assert shards_digest(tmp_path) != first
+
+
+def test_the_report_names_the_machine_it_was_computed_on():
+    m = machine()
+    assert set(m) == {"machine", "cpu", "cpu_capability", "torch", "cpus"}
+    text = markdown(
+        {
+            "options": {"seeds": 5, "draws": 3, "first_seeds": 5},
+            "machine": m,
+            "regimes": {},
+            "targets": [],
+            "timings": {"total_s": 1.0},
+        }
+    )
+    assert f"torch {m['torch']}" in text and m["cpu_capability"] in text
