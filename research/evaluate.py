@@ -97,7 +97,7 @@ VAL_CUT_SEED = 1
 # The wide grid was (400, 800, 1200) up to 3c53734: validation chose 1200, its largest, in both
 # regimes, and the curve was still rising there (seen regime, 3 seeds: overall 89.2, 91.8 at 800,
 # 1200; 95.8 at 1600; rare 80.8 -> 95.0); a choice at the grid's edge is flagged in the report
-# The small grid was (300, 600, 900): on this session's machine the never-seen regime's small CNN
+# The small grid was (300, 600, 900): on an AMD EPYC (AVX512) the never-seen regime's small CNN
 # peaks at 900-1500 (overall 96.8, 96.8, 97.1 at 900, 1200, 1500; 95.6 at 600)
 STEP_CANDIDATES = {"small": (300, 600, 900, 1200), "wide": (800, 1600, 2400)}
 # points of validation overall accuracy: the fewest steps within this of the best are chosen
@@ -344,13 +344,17 @@ def ensure_run(config: AugmentConfig) -> tuple[dict, bool]:
 
 
 def shards_digest(shards_dir: Path) -> str:
-    """One digest of a run's shards: sha256 over the tar sha256 of every shard's stats file, in
-    shard order (two runs with the same digest wrote the same bytes)."""
+    """One digest of a run's shards: sha256 over the tar sha256 that each shard of the run's
+    index.json recorded in its stats file, in index order (two runs with the same digest wrote
+    the same bytes)."""
     import hashlib
 
+    from tailseed.pipeline.shards import read_stats
+
     digest = hashlib.sha256()
-    for stats in sorted(shards_dir.glob("*_stats.json")):
-        digest.update(json.loads(stats.read_text())["tar"]["sha256"].encode())
+    for entry in json.loads((shards_dir / "index.json").read_text())["shardlist"]:
+        stats = read_stats(shards_dir, int(Path(entry["url"]).stem))
+        digest.update(stats["tar"]["sha256"].encode())
     return digest.hexdigest()[:16]
 
 

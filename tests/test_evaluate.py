@@ -738,15 +738,18 @@ def test_walk_kind_groups_positions_for_the_near_copy_breakdown():
 
 
 def test_shards_digest_names_the_bytes_of_a_runs_shards(tmp_path):
-    def write(index: int, sha: str) -> None:
-        stats = {"tar": {"bytes": 1, "sha256": sha, "keys": []}}
-        (tmp_path / f"{index:05d}_stats.json").write_text(json.dumps(stats))
+    from tailseed.pipeline.shards import write_index, write_shard
 
-    write(0, "aa")
-    write(1, "bb")
+    def write(index: int, payload: bytes) -> None:
+        sample = {"__key__": f"k{index}", "png": payload, "cls": b"2", "json": b"{}"}
+        write_shard(tmp_path, index, [sample], {"samples": 1})
+
+    write(0, b"a")
+    write(1, b"b")
+    write_index(tmp_path, 2)
     first = shards_digest(tmp_path)
     assert first == shards_digest(tmp_path) and len(first) == 16
-    write(1, "bc")  # one shard with other bytes
+    write(1, b"c")  # one shard with other bytes
     assert shards_digest(tmp_path) != first
 
 
