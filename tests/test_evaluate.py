@@ -674,6 +674,8 @@ def test_targets_report_margins_per_regime_and_recipe(tmp_path):
     assert seen[1]["met"]  # 4 > 2 x 1.5
     assert seen[2]["met"]  # 3 over plain prompts
     assert not seen[3]["met"]  # head 1.5 points down
+    gained = targets({"regimes": {"seen": fake_regime(4.0, 1.5, 2.2, seen=True)}})
+    assert gained[3]["met"] and gained[3]["margin"] == pytest.approx(3.2)  # a head gain is no miss
     assert seen[4]["met"] and not seen[5]["met"]  # 96% judged; 3% near-copies
     text = markdown(
         {
