@@ -137,6 +137,7 @@ class TrainRecipe:
     threads: int = 1  # torch threads: the CNN is tiny and the machine is shared
     arch: str = "small"  # a key of ARCHITECTURES
     augment: OnlineAugment | None = None  # on-the-fly augmentation of every batch (None: off)
+    lr_schedule: str = "constant"  # "constant", or "cosine": lr * (1 + cos(pi t / steps)) / 2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -219,6 +220,18 @@ def train_as_users_train(
         added_x, added_y = real_x[:0], real_y[:0]
     else:
         added_x, added_y = to_tensor(added_images), torch.as_tensor(added_labels, dtype=torch.long)
+    if recipe.lr_schedule == "cosine":
+        # decays to 0 at `recipe.steps`, so an earlier checkpoint is not a shorter run's model
+        early = sorted(s for s in (checkpoints or {}) if s != recipe.steps)
+        if early:
+            raise ValueError(f"checkpoints {early}: a cosine schedule has only the final one")
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / recipe.steps))
+        )
+    elif recipe.lr_schedule == "constant":
+        schedule = None
+    else:
+        raise ValueError(f"lr_schedule {recipe.lr_schedule!r}: use constant or cosine")
     sampler = MixingSampler(
         len(real_y), len(added_y), recipe.batch_size, ratio, weight, rng=seed, steps=recipe.steps
     )
@@ -240,6 +253,8 @@ def train_as_users_train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
         if checkpoints and step in checkpoints:
             model.eval()
             results[step] = checkpoints[step](model)

@@ -123,6 +123,37 @@ def test_users_training_learns_and_reports_checkpoints():
     assert (preds[60] == y_new).mean() >= 0.9
 
 
+def test_cosine_schedule_decays_the_learning_rate_to_zero_and_refuses_early_checkpoints(
+    monkeypatch,
+):
+    rates = []
+
+    class Recording(torch.optim.Adam):
+        def step(self, *args, **kwargs):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(classifier.torch.optim, "Adam", Recording)
+    x, y = bars(20, np.random.default_rng(5))
+    recipe = replace(SMALL, steps=8, batch_size=8, lr=1e-3, lr_schedule="cosine")
+    train_as_users_train(x, y, None, None, recipe, 0, num_classes=2)
+    expected = [1e-3 * 0.5 * (1 + np.cos(np.pi * t / 8)) for t in range(8)]
+    assert np.allclose(rates, expected)  # full rate at the first update, near 0 at the last
+    rates.clear()
+    train_as_users_train(
+        x, y, None, None, replace(recipe, lr_schedule="constant"), 0, num_classes=2
+    )
+    assert rates == [1e-3] * 8
+    with pytest.raises(ValueError, match="checkpoints \\[4\\]"):
+        train_as_users_train(
+            x, y, None, None, recipe, 0, num_classes=2, checkpoints={4: len, 8: len}
+        )
+    with pytest.raises(ValueError, match="lr_schedule 'step'"):
+        train_as_users_train(
+            x, y, None, None, replace(recipe, lr_schedule="step"), 0, num_classes=2
+        )
+
+
 def test_online_augmentation_is_applied_to_every_batch(monkeypatch):
     calls = []
 
