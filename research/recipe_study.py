@@ -29,7 +29,7 @@ import numpy as np
 
 from research.classifier import RECIPES, oversample
 from research.digits import SEEN_SPLIT, load_digits_arrays, split_indices
-from research.evaluate import Task, accuracies, rendered, run_tasks
+from research.evaluate import Task, accuracies, eval_splits, rendered, run_tasks
 
 SEED_OFFSET = 200  # none of the evaluation's seeds (test 0-4, validation 100-102)
 RATIO, WEIGHT = 0.2, 1.0  # oversampling's mixing as validation chose it for the wide CNN (seen)
@@ -37,12 +37,21 @@ ADDED_PER_CLASS = 40  # the quota of the evaluation's adding variants
 STEPS = {"small": (600, 1200), "wide": (800, 1600, 2400)}
 
 
+def dev_indices(labels: np.ndarray) -> list[int]:
+    """The seen model's training images: what this study scores on. It refuses to run if any is
+    in the evaluation's user, validation or test split."""
+    dev = split_indices(labels, SEEN_SPLIT)["model_train"]
+    for name, idx in eval_splits(labels, SEEN_SPLIT).items():
+        if set(dev) & set(idx):
+            raise RuntimeError(f"the development pool overlaps the evaluation's {name} split")
+    return dev
+
+
 def study_tasks(seeds: int) -> tuple[list[Task], dict]:
     images8, labels = load_digits_arrays()
-    cut = split_indices(labels, SEEN_SPLIT)
-    user = cut["user"]
+    user = split_indices(labels, SEEN_SPLIT)["user"]
     user_x, user_y = rendered(images8, user), labels[user]
-    dev = cut["model_train"]
+    dev = dev_indices(labels)
     dev_x, dev_y = rendered(images8, dev), labels[dev]
     rare = list(SEEN_SPLIT.tail_classes)
     over_x = np.concatenate([oversample(user_x[user_y == d], ADDED_PER_CLASS) for d in rare])
