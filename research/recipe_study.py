@@ -29,7 +29,16 @@ import numpy as np
 
 from research.classifier import RECIPES, oversample
 from research.digits import SEEN_SPLIT, load_digits_arrays, split_indices
-from research.evaluate import Task, accuracies, eval_splits, rendered, run_tasks
+from research.evaluate import (
+    Task,
+    _mean_std,
+    _ms,
+    _pm,
+    accuracies,
+    eval_splits,
+    rendered,
+    run_tasks,
+)
 
 SEED_OFFSET = 200  # none of the evaluation's seeds (test 0-4, validation 100-102)
 RATIO, WEIGHT = 0.2, 1.0  # oversampling's mixing as validation chose it for the wide CNN (seen)
@@ -47,6 +56,12 @@ def dev_indices(labels: np.ndarray) -> list[int]:
     return dev
 
 
+def runs_of(schedule: str, steps: tuple[int, ...]) -> list[tuple[int, tuple[int, ...]]]:
+    """(total steps, steps read) of each training run: a constant-rate run is read at every step
+    count; a cosine run decays to its own end and is read there only."""
+    return [(max(steps), steps)] if schedule == "constant" else [(s, (s,)) for s in steps]
+
+
 def study_tasks(seeds: int) -> tuple[list[Task], dict]:
     images8, labels = load_digits_arrays()
     user = split_indices(labels, SEEN_SPLIT)["user"]
@@ -60,9 +75,7 @@ def study_tasks(seeds: int) -> tuple[list[Task], dict]:
     tasks = []
     for name, steps in STEPS.items():
         for schedule in ("constant", "cosine"):
-            # a constant-rate run is read at every step count; a cosine run decays to its own end
-            runs = [(max(steps), steps)] if schedule == "constant" else [(s, (s,)) for s in steps]
-            for total, checkpoints in runs:
+            for total, checkpoints in runs_of(schedule, steps):
                 recipe = replace(RECIPES[name], steps=total, lr_schedule=schedule)
                 for adder, (ax, ay, ratio, weight) in adders.items():
                     for i in range(seeds):
@@ -92,16 +105,11 @@ def study_tasks(seeds: int) -> tuple[list[Task], dict]:
     return tasks, data
 
 
-def _stat(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "n": len(values)}
-
-
-def summarise(tasks: list[Task], results: dict, data: dict, seeds: int) -> list[dict]:
+def summarise(results: dict, data: dict, seeds: int) -> list[dict]:
     rows = []
     for name, steps in STEPS.items():
         for schedule in ("constant", "cosine"):
-            for step in steps:
-                total = max(steps) if schedule == "constant" else step
+            for total, step in [(t, s) for t, read in runs_of(schedule, steps) for s in read]:
                 acc = {
                     adder: [
                         accuracies(
@@ -116,9 +124,9 @@ def summarise(tasks: list[Task], results: dict, data: dict, seeds: int) -> list[
                 row = {"recipe": name, "schedule": schedule, "steps": step}
                 for adder, per_seed in acc.items():
                     for metric in ("rare", "head"):
-                        row[f"{adder}_{metric}"] = _stat([a[metric] for a in per_seed])
+                        row[f"{adder}_{metric}"] = _mean_std([a[metric] for a in per_seed])
                 for metric in ("rare", "head"):
-                    row[f"paired_{metric}"] = _stat(
+                    row[f"paired_{metric}"] = _mean_std(
                         [o[metric] - r[metric] for o, r in zip(acc["oversample"], acc["real"])]
                     )
                 rows.append(row)
@@ -126,9 +134,6 @@ def summarise(tasks: list[Task], results: dict, data: dict, seeds: int) -> list[
 
 
 def markdown(report: dict) -> str:
-    def ms(s: dict) -> str:
-        return f"{s['mean']:.1f} ± {s['std']:.1f}"
-
     lines = [
         "| recipe | lr schedule | steps | real+aug rare | real+aug head | oversampling rare"
         " | oversampling minus real+aug, rare (paired) | head (paired) |",
@@ -136,9 +141,9 @@ def markdown(report: dict) -> str:
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['recipe']} | {r['schedule']} | {r['steps']} | {ms(r['real_rare'])}"
-            f" | {ms(r['real_head'])} | {ms(r['oversample_rare'])} | {ms(r['paired_rare'])}"
-            f" | {ms(r['paired_head'])} |"
+            f"| {r['recipe']} | {r['schedule']} | {r['steps']} | {_ms(r['real_rare'])}"
+            f" | {_ms(r['real_head'])} | {_ms(r['oversample_rare'])} | {_pm(r['paired_rare'])}"
+            f" | {_pm(r['paired_head'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": [SEED_OFFSET + i for i in range(args.seeds)],
         "scored_on": f"seen split model_train: {data['dev_size']} images, {data['dev_rare']} rare",
         "oversampling": {"per_class": ADDED_PER_CLASS, "ratio": RATIO, "weight": WEIGHT},
-        "rows": summarise(tasks, results, data, args.seeds),
+        "rows": summarise(results, data, args.seeds),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -804,10 +804,11 @@ def test_the_report_names_the_machine_it_was_computed_on():
 def test_recipe_study_scores_only_on_images_no_evaluation_split_holds():
     from research import recipe_study
     from research.digits import SEEN_SPLIT, load_digits_arrays
+    from research.evaluate import eval_splits
 
     _, labels = load_digits_arrays()
     dev = recipe_study.dev_indices(labels)
-    splits = recipe_study.eval_splits(labels, SEEN_SPLIT)
+    splits = eval_splits(labels, SEEN_SPLIT)
     assert np.isin(labels[dev], SEEN_SPLIT.tail_classes).sum() == 200
     for name in ("user", "val", "test"):
         assert not set(dev) & set(splits[name])
