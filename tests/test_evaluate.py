@@ -37,6 +37,7 @@ from research.evaluate import (
     choose_mixing,
     choose_shipped,
     choose_steps,
+    dev_pool,
     eval_splits,
     evaluate_test_split,
     image_quality,
@@ -327,6 +328,18 @@ def test_never_seen_validation_comes_from_spare_tail_and_model_head_images():
     assert {i for i in ev["val"] if labels[i] not in tail} <= set(cut["model_train"])
 
 
+def test_the_development_pool_is_the_seen_models_training_images_that_no_split_holds():
+    _, labels = load_digits_arrays()
+    cut = split_indices(labels, SEEN_SPLIT)
+    dev = dev_pool(labels, SEEN_SPLIT, SEEN_SPLIT.tail_classes)
+    assert dev == sorted(cut["model_train"])
+    assert np.isin(labels[dev], SEEN_SPLIT.tail_classes).sum() == 200  # 100 per tail class
+    for name, idx in eval_splits(labels, SEEN_SPLIT).items():
+        assert not set(dev) & set(idx), name
+    # the never-seen model trained on 3 images per tail class: too few, steps on validation
+    assert dev_pool(labels, DigitsSplit(), DigitsSplit().tail_classes) is None
+
+
 # ------------------------------------------------------------------------------------------------
 # Choices use validation only
 
@@ -340,6 +353,13 @@ def test_choices_refuse_anything_but_validation_scores():
         choose_mixing({(0.1, 0.5): val}, test)
     with pytest.raises(ValueError, match="validation"):
         choose_shipped({"config": test})
+    # the development pool (real data only) may choose steps, and nothing that adds images
+    dev = Scores("dev", 90, 95, 96, 10)
+    assert choose_steps({300: val, 600: dev}) == 600
+    with pytest.raises(ValueError, match="validation only"):
+        choose_mixing({(0.1, 0.5): dev}, val)
+    with pytest.raises(ValueError, match="validation only"):
+        choose_shipped({"config": dev})
 
 
 def test_choose_steps_takes_the_fewest_within_tolerance_and_flags_the_grid_edge():
@@ -444,6 +464,49 @@ def test_the_choice_phase_sees_only_validation_images_and_the_selection_only_val
     grid = tiny_options().step_candidates
     assert choices.steps_at_grid_edge == at_grid_edge(choices.steps, grid)
     assert choices.to_dict()["steps_at_grid_edge"] == choices.steps_at_grid_edge
+    assert choices.step_pool == "val"  # no development pool: steps on validation too
+
+
+def test_with_a_development_pool_steps_are_chosen_there_and_everything_else_on_validation(
+    monkeypatch,
+):
+    import research.evaluate as ev
+
+    data = toy_data()
+    rng = np.random.default_rng(11)
+    data.dev_x, data.dev_y = bars(24, rng, classes=3)
+    offered = {}
+    for name in ("choose_steps", "choose_mixing", "choose_shipped"):
+        real = getattr(ev, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            splits = {s.split for a in args for s in (a.values() if isinstance(a, dict) else [a])}
+            offered.setdefault(_name, set()).update(splits)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(ev, name, spy)
+    by_kind = {}
+
+    def runner(tasks, jobs, cache=None):
+        for t in tasks:
+            assert t.added_x is None or t.added_x is not data.test_x
+            by_kind.setdefault(t.key[0], []).append(t)
+        return run_tasks(tasks, jobs, cache)
+
+    adders = {"gen": Variant("gen", "generated", "generated")}
+    choices = choice_phase(data, tiny_options(dev_seeds=2), adders, ["gen"], runner=runner)
+    assert offered == {"choose_steps": {"dev"}, "choose_mixing": {"val"}, "choose_shipped": {"val"}}
+    steps = by_kind["steps"]
+    assert len(steps) == 2 * 2  # 2 recipes x dev_seeds
+    assert all(list(t.eval_x) == ["dev"] and t.eval_x["dev"] is data.dev_x for t in steps)
+    assert all(t.added_x is None and t.seed >= ev.DEV_SEED_OFFSET for t in steps)
+    # real data at the chosen steps on validation: the reference the mixing choice holds head to
+    refs = by_kind["reference"]
+    assert {(t.key[1], t.recipe.steps) for t in refs} == set(choices.steps.items())
+    for t in refs + by_kind["mix"]:
+        assert list(t.eval_x) == ["val"] and t.eval_x["val"] is data.val_x
+    assert all(r.split == "val" for r in choices.reference.values())
+    assert choices.step_pool == "dev" and "step_scores_dev" in choices.to_dict()
 
 
 def test_mixing_is_chosen_per_recipe_and_the_shipped_candidate_on_the_mean_over_recipes():
