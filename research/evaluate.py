@@ -117,9 +117,8 @@ STEP_TOLERANCE = 0.5
 # this pool (200 rare, 10 seeds) read 86.8% rare at 1600 and 88.8% at 2400 (recipe study, aea0cab)
 DEV_MIN_PER_RARE_CLASS = 50
 DEV_SEEDS = 10
-DEV_SEED_OFFSET = (
-    200  # development runs use seeds 200, 201, ...: none of the test's or validation's
-)
+# development runs use seeds 200, 201, ...: none of the test's or validation's
+DEV_SEED_OFFSET = 200
 # validation candidates: (ratio, weight) of the added samples, for every variant that adds any
 MIX_GRID = ((0.1, 0.5), (0.1, 1.0), (0.2, 0.5), (0.2, 1.0))
 HEAD_TOLERANCE = 1.0  # points: a mixing setting may cost head accuracy at most this on validation
