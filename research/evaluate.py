@@ -1290,6 +1290,11 @@ def evaluate_test_split(
                 entry[v.key]["vs_prompt"] = {
                     m: paired(runs_acc[v.key], runs_acc["prompt"], m) for m in ("rare", "head")
                 }
+            if v.shipped and "oversample" in runs_acc:
+                # more than rebalancing? each draw against oversampling with the same seed
+                entry[v.key]["vs_oversample"] = {
+                    m: paired(runs_acc[v.key], runs_acc["oversample"], m) for m in ("rare", "head")
+                }
         per_recipe[name] = entry
 
     first_acc = {
@@ -1728,6 +1733,14 @@ def markdown(report: dict) -> str:
                     "",
                     f"Tailseed as shipped minus {entry['prompt']['label']} (rare, paired by seed "
                     f"and draw): {_pm(vp)} over {vp['pairs']} pairs.",
+                ]
+            if "vs_oversample" in entry.get("tailseed", {}):
+                vo = entry["tailseed"]["vs_oversample"]
+                lines += [
+                    "",
+                    f"Tailseed as shipped minus {entry['oversample']['label']} (paired by seed): "
+                    f"rare {_pm(vo['rare'])}, head {_pm(vo['head'])} over "
+                    f"{vo['rare']['pairs']} pairs.",
                 ]
             lines.append("")
         lines += [

@@ -594,6 +594,13 @@ def test_the_test_split_pairs_each_variant_run_with_real_data_of_the_same_seed()
         and entry["oversample"]["vs_real"]["rare"]["pairs"] == 2
     )
     assert entry["gen"]["vs_prompt"]["rare"]["pairs"] == 4
+    # the shipped variant against oversampling: each draw paired with the same seed
+    over = [
+        runs[f"seed{s}_draw{d}"]["rare"] - entry["oversample"]["runs"][f"seed{s}_drawNone"]["rare"]
+        for s in range(2)
+        for d in range(2)
+    ]
+    assert entry["gen"]["vs_oversample"]["rare"]["values"] == [round(v, 3) for v in over]
     assert entry["gen"]["mixing"] == {"ratio": 0.1, "weight": 0.5}
 
 
@@ -703,6 +710,11 @@ def fake_regime(rare_diff: float, rare_std: float, head_diff: float, seen: bool)
     acc = {"rare": {"mean": 90.0, "std": 1.0}, "head": {"mean": 95.0, "std": 0.5}}
     entry = {
         "real": {"label": "real + augmentation", "accuracy": acc},
+        "oversample": {
+            "label": "oversampling",
+            "accuracy": acc,
+            "vs_real": {"rare": stat(2.0), "head": stat(0.0)},
+        },
         "prompt": {
             "label": "plain prompts + filter",
             "accuracy": acc,
@@ -713,6 +725,7 @@ def fake_regime(rare_diff: float, rare_std: float, head_diff: float, seen: bool)
             "accuracy": acc,
             "vs_real": {"rare": stat(rare_diff, rare_std), "head": stat(head_diff)},
             "vs_prompt": {"rare": stat(rare_diff - 1.0), "head": stat(0.0)},
+            "vs_oversample": {"rare": stat(rare_diff - 2.0), "head": stat(-0.25)},
         },
     }
     q = {
@@ -780,6 +793,8 @@ def test_targets_report_margins_per_regime_and_recipe(tmp_path):
         }
     )
     assert "never seen" in text and "| NO |" in text
+    # seen: rare_diff 4.0, oversampling +2.0
+    assert "as shipped minus oversampling (paired by seed): rare +2.0 ± 0.5, head -0.2" in text
     assert "grid's largest candidate" not in text
     report["regimes"]["seen"]["choices"]["steps_at_grid_edge"] = ["wide"]
     flagged = markdown(
