@@ -1071,11 +1071,10 @@ def choice_phase(
     none = (None, None)
     on_dev = data.dev_x is not None
     if on_dev:
-        pool, pool_y = "dev", data.dev_y
+        pool, pool_x, pool_y = "dev", data.dev_x, data.dev_y
         step_seeds = [DEV_SEED_OFFSET + i for i in range(options.dev_seeds)]
     else:
-        pool, pool_y, step_seeds = "val", data.val_y, seeds
-    pool_eval = {pool: data.dev_x if on_dev else data.val_x}
+        pool, pool_x, pool_y, step_seeds = "val", data.val_x, data.val_y, seeds
 
     def scores_of(results, key_of, step, split="val", y=data.val_y, over=seeds) -> Scores:
         return mean_scores(
@@ -1101,7 +1100,7 @@ def choice_phase(
                     none,
                     0.0,
                     1.0,
-                    pool_eval,
+                    {pool: pool_x},
                     steps,
                 )
             )
@@ -1286,15 +1285,13 @@ def evaluate_test_split(
                 entry[v.key]["vs_real"] = {
                     m: paired(runs_acc[v.key], runs_acc["real"], m) for m in PAIRED_METRICS
                 }
-            if v.shipped and "prompt" in runs_acc:
-                entry[v.key]["vs_prompt"] = {
-                    m: paired(runs_acc[v.key], runs_acc["prompt"], m) for m in ("rare", "head")
-                }
-            if v.shipped and "oversample" in runs_acc:
-                # more than rebalancing? each draw against oversampling with the same seed
-                entry[v.key]["vs_oversample"] = {
-                    m: paired(runs_acc[v.key], runs_acc["oversample"], m) for m in ("rare", "head")
-                }
+            # the shipped variant against the filtered plain prompts (same seed and draw) and
+            # against oversampling (same seed): better than sampling the model, than rebalancing?
+            for other in ("prompt", "oversample") if v.shipped else ():
+                if other in runs_acc:
+                    entry[v.key][f"vs_{other}"] = {
+                        m: paired(runs_acc[v.key], runs_acc[other], m) for m in ("rare", "head")
+                    }
         per_recipe[name] = entry
 
     first_acc = {

@@ -36,7 +36,6 @@ from research.evaluate import (
     _pm,
     accuracies,
     dev_pool,
-    eval_splits,
     rendered,
     run_tasks,
 )
@@ -48,15 +47,15 @@ STEPS = {"small": (600, 1200), "wide": (800, 1600, 2400)}
 
 
 def dev_indices(labels: np.ndarray) -> list[int]:
-    """The seen model's training images: what this study scores on (the evaluation's development
-    pool, which chooses its step counts). It refuses to run if any is in the evaluation's user,
-    validation or test split."""
-    dev = split_indices(labels, SEEN_SPLIT)["model_train"]
-    for name, idx in eval_splits(labels, SEEN_SPLIT).items():
-        if set(dev) & set(idx):
-            raise RuntimeError(f"the development pool overlaps the evaluation's {name} split")
-    if dev_pool(labels, SEEN_SPLIT, SEEN_SPLIT.tail_classes) != sorted(dev):
-        raise RuntimeError("the study's pool is not the evaluation's development pool")
+    """The seen model's training images: what this study scores on, the evaluation's development
+    pool (`dev_pool`, which leaves out any image of the evaluation's user, validation or test
+    split). It refuses to run if that pool is not every one of the model's training images."""
+    dev = dev_pool(labels, SEEN_SPLIT, SEEN_SPLIT.tail_classes)
+    if dev is None or dev != sorted(split_indices(labels, SEEN_SPLIT)["model_train"]):
+        raise RuntimeError(
+            "the development pool is not the seen model's training images: some are in an "
+            "evaluation split, or too few are of a rare class"
+        )
     return dev
 
 
