@@ -44,6 +44,8 @@ import os
 import shutil
 import sys
 import time
+import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -609,6 +611,11 @@ def task_digest(task: Task) -> str:
 
 
 def _load_cached(path: Path) -> dict[int, dict[str, np.ndarray]] | None:
+    """A cached training's predictions; None when there is none, or when the file cannot be read
+    whole (truncated, or corrupted: a copied or committed cache can be), said in the log: that
+    training runs again and its entry is written anew."""
+    if not path.exists():
+        return None
     try:
         with np.load(path) as npz:
             out: dict[int, dict[str, np.ndarray]] = {}
@@ -616,14 +623,18 @@ def _load_cached(path: Path) -> dict[int, dict[str, np.ndarray]] | None:
                 step, split = name.split("__", 1)
                 out.setdefault(int(step), {})[split] = npz[name]
             return out
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        log(f"  cache entry {path} unreadable ({type(exc).__name__}: {exc}): training it again")
         return None
 
 
 def _store_cached(path: Path, preds: dict[int, dict[str, np.ndarray]]) -> None:
+    """Compressed (class indices compress about 8x: an entry is a few KB, so a cache of a whole
+    evaluation can be kept with the code), written to a temporary name and renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **{f"{step}__{split}": v for step, d in preds.items() for split, v in d.items()})
+    arrays = {f"{step}__{split}": v for step, d in preds.items() for split, v in d.items()}
+    np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
 
 

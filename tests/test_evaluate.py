@@ -630,6 +630,34 @@ def test_cached_trainings_are_read_back_and_any_change_trains_again(tmp_path, mo
     assert len(calls) == 2 and np.array_equal(twins[("t",)][3]["val"], twins[("u",)][3]["val"])
 
 
+def test_a_truncated_cache_entry_is_trained_again_and_rewritten(tmp_path, monkeypatch, capsys):
+    import research.evaluate as ev
+
+    data = toy_data()
+    recipe = replace(SMALL, steps=3, batch_size=8)
+    task = ev._task(
+        ("t",), "users", recipe, 0, data, (None, None), 0.0, 1.0, {"val": data.val_x}, (3,)
+    )
+    first = run_tasks([task], 1, tmp_path)
+    (entry,) = tmp_path.glob("*.npz")
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[: len(whole) // 2])  # as a copy cut short leaves it
+    calls = []
+    real = ev.run_task
+
+    def counted(t):
+        calls.append(t)
+        return real(t)
+
+    monkeypatch.setattr(ev, "run_task", counted)
+    again = run_tasks([task], 1, tmp_path)
+    assert len(calls) == 1, "the unreadable entry must be trained again, not trusted or fatal"
+    assert entry.name in capsys.readouterr().out
+    assert np.array_equal(again[("t",)][3]["val"], first[("t",)][3]["val"])
+    run_tasks([task], 1, tmp_path)  # the rewritten entry is whole: read back, not trained
+    assert len(calls) == 1
+
+
 def test_paired_differences_match_seed_and_draw():
     real = {(s, None): {"rare": 80.0 + s} for s in range(3)}
     variant = {(s, d): {"rare": 85.0 + s + d} for s in range(3) for d in range(2)}
