@@ -72,6 +72,7 @@ from research.digits import (
     to_digit_space,
 )
 from research.judge import near_copy_threshold, nearest_distances, train_judge
+from tailseed.jobs.augment import materialize_embedded
 from tailseed.jobs.augment import run as run_augment
 from tailseed.pipeline.contact import grid, labelled
 from tailseed.pipeline.errors import UserError
@@ -79,6 +80,7 @@ from tailseed.pipeline.mixing import read_generated
 from tailseed.pipeline.models import describe_model
 from tailseed.pipeline.output_folder import code_hash
 from tailseed.stages.augment_pipeline import AugmentConfig, load_config, output_hash
+from tailseed.stages.scan import EMBEDDED
 
 # ------------------------------------------------------------------------------------------------
 # Settings, fixed before any measurement
@@ -1872,18 +1874,34 @@ def shown_from_report(reg: dict) -> dict:
     """The contact sheet's images of a regime kept from an earlier report: its sources from the
     user dataset, and draw 0 of each generated variant from the run folders the report names."""
     config = load_config(Path(reg["config"]), list(reg["config_overrides"]))
+    if config.dataset.materialize == EMBEDDED and not Path(config.dataset.path).is_dir():
+        materialize_embedded(Path(config.dataset.path), describe_model(config.model))
+    runs = {
+        v["label"]: reg["runs"][f"{key}_d0"]
+        for key, v in reg["variants"].items()
+        if v["kind"] == "generated" and f"{key}_d0" in reg["runs"]
+    }
+    missing = sorted({r["output_dir"] for r in runs.values() if not _complete(r)})
+    if missing:
+        raise UserError(
+            f"--keep: regime {reg['regime']}: the contact sheet shows its draw-0 runs, and these"
+            f" are not there (or hold other shards than the report's): {', '.join(missing)}."
+            " Make them again with the report's overrides (the same config and code give the"
+            " same shards), or pass --no-docs."
+        )
     user_x, user_y, _ = read_image_folder(Path(config.dataset.path))
     rare = [CLASS_NAMES.index(name) for name in reg["data"]["rare_classes"]]
     added = {}
-    for key, v in reg["variants"].items():
-        run = reg["runs"].get(f"{key}_d0")
-        if v["kind"] != "generated" or run is None:
-            continue
-        if not (Path(run["output_dir"]) / "shards").is_dir():
-            raise UserError(f"--keep: regime {reg['regime']}: {run['output_dir']} is not there")
+    for label, run in runs.items():
         gen = read_run(Path(run["output_dir"]))
-        added[v["label"]] = {CLASS_NAMES[d]: gen.of(d) for d in rare}
+        added[label] = {CLASS_NAMES[d]: gen.of(d) for d in rare}
     return {"sources": {CLASS_NAMES[d]: user_x[user_y == d] for d in rare}, "added": added}
+
+
+def _complete(run: dict) -> bool:
+    """Whether a report's run folder is there with the shards the report measured."""
+    shards = Path(run["output_dir"]) / "shards"
+    return shards.is_dir() and shards_digest(shards) == run["shards_sha256"]
 
 
 def kept_regimes(earlier: dict, options: Options, run_now: list[str]) -> dict[str, dict]:
@@ -1915,6 +1933,9 @@ def evaluate(
     available = regimes()
     reports, shown = {}, {}
     kept = kept_regimes(keep, options, regime_keys) if keep else {}
+    # the kept regimes' pictures are read before the long part, so that a missing run folder
+    # stops the job before it trains anything rather than after
+    kept_shown = {key: shown_from_report(reg) for key, reg in kept.items()} if docs else {}
     for key in regime_keys:
         regime = available[key]
         base = load_config(regime.config, list(regime.overrides))
@@ -1923,7 +1944,7 @@ def evaluate(
         reports[key], shown[key] = evaluate_regime(regime, runs_dir, options)
         reports[key]["code"] = {**code_version(), "code_hash": code_hash()}
     for key, reg in kept.items():
-        reports[key], shown[key] = reg, shown_from_report(reg)
+        reports[key], shown[key] = reg, kept_shown.get(key)
     order = [k for k in available if k in reports]
     reports, shown = {k: reports[k] for k in order}, {k: shown[k] for k in order}
     report = {

@@ -39,6 +39,7 @@ from research.evaluate import (
     choose_steps,
     dev_pool,
     eval_splits,
+    evaluate,
     evaluate_test_split,
     image_quality,
     kept_regimes,
@@ -867,6 +868,30 @@ def test_an_earlier_reports_other_regimes_are_kept_with_their_commit_if_the_prot
     assert kept_regimes(earlier, options, ["never-seen", "seen"]) == {}
     with pytest.raises(UserError, match="other options"):
         kept_regimes(earlier, replace(options, seeds=3), ["seen"])
+
+
+def test_a_kept_regime_whose_runs_are_gone_stops_the_job_before_it_trains_anything(tmp_path):
+    """The contact sheet shows a kept regime's draw-0 images: without its run folders the job
+    must say so up front (it used to fail after hours of training), and its embedded dataset is
+    written again where missing, as the augment job would."""
+    options = tiny_options(cache=tmp_path / "cache")
+    kept = fake_regime(-0.3, 0.5, 0.4, seen=False)
+    user = tmp_path / "digits" / "user"
+    kept["config"] = "configs/default.yaml"
+    kept["config_overrides"] = [f"dataset.path={user}"]
+    gone = tmp_path / "runs" / "never-seen" / "tailseed-d0"
+    kept["variants"] = {"tailseed": {"label": "tailseed as shipped", "kind": "generated"}}
+    kept["runs"] = {"tailseed_d0": {"output_dir": str(gone), "shards_sha256": "0" * 16}}
+    earlier = {
+        "code": {"commit": "a" * 40, "dirty": False},
+        "options": json.loads(json.dumps(options.to_dict(), default=str)),
+        "regimes": {"never-seen": kept},
+    }
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=f"{gone}.*--no-docs"):
+        evaluate(["seen"], out, options, tmp_path / "docs", keep=earlier)
+    assert not out.exists()  # nothing was run or written for the seen regime
+    assert sorted(p.name for p in user.iterdir() if p.is_dir())[:2] == ["eight", "five"]
 
 
 def test_walk_kind_groups_positions_for_the_near_copy_breakdown():
