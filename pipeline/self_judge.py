@@ -163,8 +163,15 @@ def rms_distances(candidates: np.ndarray, references: np.ndarray) -> np.ndarray:
     """
     a = torch.from_numpy(candidates.reshape(len(candidates), -1))
     b = torch.from_numpy(references.reshape(len(references), -1))
-    d = torch.cdist(a, b).min(dim=1).values / math.sqrt(a.shape[1])
+    d = _pairwise(a, b).min(dim=1).values / math.sqrt(a.shape[1])
     return d.numpy().astype(np.float32)
+
+
+def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (N, M), the same at any thread count: float64, each pair summed on its
+    own (cdist's matrix-product form rounds differently as torch's thread count changes, and the
+    threshold and scores land in every sample's JSON)."""
+    return torch.cdist(a.double(), b.double(), compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def near_copy_threshold(images: np.ndarray, labels: np.ndarray, percentile: float) -> float:
@@ -177,7 +184,7 @@ def near_copy_threshold(images: np.ndarray, labels: np.ndarray, percentile: floa
         if len(members) < 2:
             continue
         flat = torch.from_numpy(members.reshape(len(members), -1))
-        d = torch.cdist(flat, flat) / math.sqrt(flat.shape[1])
+        d = _pairwise(flat, flat) / math.sqrt(flat.shape[1])
         d.fill_diagonal_(float("inf"))
         nearest.append(d.min(dim=1).values)
     if not nearest:

@@ -45,6 +45,33 @@ def test_self_judge_is_cross_fitted_and_deterministic():
         assert (tensor == again.state()[name]).all()
 
 
+def test_distances_and_threshold_do_not_depend_on_the_thread_count():
+    """They land in every kept sample's JSON, so a run must write the same bytes whatever
+    torch's thread count is when it computes them (a stage or an earlier run in the same
+    process may have changed it): float32 cdist in its matrix-product form did not."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (80, 32, 32, 3), dtype=np.uint8)
+    labels = np.repeat([0, 1], 40)
+    candidates = working_images(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
+    refs = working_images(images)
+    threads = torch.get_num_threads()
+    seen = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            seen.append(
+                (
+                    near_copy_threshold(images, labels, 5.0),
+                    rms_distances(candidates, refs).tobytes(),
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    assert seen[1] == seen[0] and seen[2] == seen[0]
+
+
 def test_a_copy_of_a_real_image_is_below_the_near_copy_threshold():
     images = np.concatenate([_bars(10, 2, 0), _bars(10, 10, 1)])
     labels = np.asarray([0] * 10 + [1] * 10)
