@@ -1874,7 +1874,7 @@ def shown_from_report(reg: dict) -> dict:
     """The contact sheet's images of a regime kept from an earlier report: its sources from the
     user dataset, and draw 0 of each generated variant from the run folders the report names."""
     config = load_config(Path(reg["config"]), list(reg["config_overrides"]))
-    if config.dataset.materialize == EMBEDDED and not Path(config.dataset.path).is_dir():
+    if config.dataset.materialize == EMBEDDED:  # skips a complete folder, redoes a partial one
         materialize_embedded(Path(config.dataset.path), describe_model(config.model))
     runs = {
         v["label"]: reg["runs"][f"{key}_d0"]
