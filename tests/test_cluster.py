@@ -94,10 +94,14 @@ class Cluster:
 
     def start_worker(self, name: str, extra_env: dict | None = None) -> subprocess.Popen:
         """A worker node with one CPU and the worker resource; `extra_env` reaches the actors that
-        run on it."""
+        run on it. Each node gets a temp dir of its own, as each machine of a real cluster has:
+        nodes that share one unpack a job's working_dir into the same folder, and a node that
+        sees the job for the first time deletes and unpacks it again (Ray's working_dir plugin
+        overwrites), under the feet of the driver whose working directory it is."""
+        temp_dir = self.tmp / f"n{len(self.nodes)}"
         return self._start(
             f"--address 127.0.0.1:{self.gcs} --num-cpus 1 --object-store-memory 100000000 "
-            f"--resources '{json.dumps({WORKER_RESOURCE: 2})}'",
+            f"--resources '{json.dumps({WORKER_RESOURCE: 2})}' --temp-dir {temp_dir}",
             name,
             extra_env,
         )
