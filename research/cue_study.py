@@ -15,7 +15,10 @@ generation draws 0-2 as the evaluation makes them):
    image's values matched rank for rank to the real images of its class (so that its histogram
    is theirs: a black background where the real digits have one). Scored on the development pool
    (the seen model's training images, in no split of the evaluation; 200 rare), paired with real
-   data and augmentation by training seed, over seeds x draws. The test split is never read.
+   data and augmentation by training seed, over seeds x draws. The diffusion model trained on the
+   development pool, so its images may resemble those; that flatters every form of them alike.
+   `--score-on dev,val,test` also scores on the evaluation's validation split (40 rare, which
+   the diffusion model never saw) and, once a form was chosen there, on its test split.
 
 Writes out/cue_study/report.json and report.md.
 """
@@ -39,6 +42,7 @@ from research.evaluate import (
     _pm,
     accuracies,
     dev_pool,
+    eval_splits,
     load_config,
     make_runs,
     read_image_folder,
@@ -125,10 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("out/cue_study"))
     parser.add_argument("--cache", type=Path, default=None, help="default: OUT/cache")
+    parser.add_argument(
+        "--score-on", default="dev", help="comma-separated: dev (the default), val, test"
+    )
     args = parser.parse_args(argv)
     recipes = args.recipes.split(",")
     if unknown := set(recipes) - set(RECIPES):
         parser.error(f"--recipes: unknown {sorted(unknown)}; known: {sorted(RECIPES)}")
+    splits = args.score_on.split(",")
+    if unknown := set(splits) - {"dev", "val", "test"}:
+        parser.error(f"--score-on: unknown {sorted(unknown)}; known: dev, val, test")
     t0 = time.perf_counter()
     regime = regimes()["seen"]
     base = load_config(regime.config, list(regime.overrides))
@@ -140,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     dev = dev_pool(labels, SEEN_SPLIT, rare)
     if dev is None:
         raise RuntimeError("the seen split has no development pool")
-    dev_x, dev_y = rendered(images8, dev), labels[dev]
+    indices = {"dev": dev} | {
+        k: v for k, v in eval_splits(labels, SEEN_SPLIT).items() if k != "user"
+    }
+    scored = {k: (rendered(images8, indices[k]), labels[indices[k]]) for k in splits}
 
     added: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {form: [] for form in FORMS}
     cue: list[dict] = []
@@ -165,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio, weight = MIXING[name]
         for i in range(args.seeds):
             seed = SEED_OFFSET + i
-            eval_x, checkpoints = {"dev": dev_x}, (recipe.steps,)
+            eval_x, checkpoints = {k: v[0] for k, v in scored.items()}, (recipe.steps,)
             tasks.append(
                 Task(
                     (name, "real", 0, seed),
@@ -203,38 +216,50 @@ def main(argv: list[str] | None = None) -> int:
     results = run_tasks(tasks, args.jobs, args.cache or args.out / "cache")
 
     rows = []
+    seeds = [SEED_OFFSET + i for i in range(args.seeds)]
     for name in recipes:
-        acc = {
-            key[1:]: accuracies(pred[STEPS[name]]["dev"], dev_y, rare)
-            for key, pred in results.items()
-            if key[0] == name
-        }
-        seeds = [SEED_OFFSET + i for i in range(args.seeds)]
-        reference = [acc[("real", 0, s)] for s in seeds]
-        row = {
-            "recipe": name,
-            "steps": STEPS[name],
-            "mixing": list(MIXING[name]),
-            "real_rare": _mean_std([a["rare"] for a in reference]),
-            "real_head": _mean_std([a["head"] for a in reference]),
-        }
-        for form in FORMS:
-            for metric in ("rare", "head", "balanced"):
-                row[f"{form}: {metric}"] = _mean_std(
-                    [
-                        acc[(form, d, s)][metric] - acc[("real", 0, s)][metric]
-                        for d in range(DRAWS)
-                        for s in seeds
-                    ]
-                )
-        rows.append(row)
+        for split, (_, truth) in scored.items():
+            acc = {
+                key[1:]: accuracies(pred[STEPS[name]][split], truth, rare)
+                for key, pred in results.items()
+                if key[0] == name
+            }
+            reference = [acc[("real", 0, s)] for s in seeds]
+            row = {
+                "recipe": name,
+                "steps": STEPS[name],
+                "mixing": list(MIXING[name]),
+                "split": split,
+                "images": len(truth),
+                "rare_images": int(np.isin(truth, rare).sum()),
+                "real_rare": _mean_std([a["rare"] for a in reference]),
+                "real_head": _mean_std([a["head"] for a in reference]),
+            }
+            for form in FORMS:
+                for metric in ("rare", "head", "balanced"):
+                    row[f"{form}: {metric}"] = _mean_std(
+                        [
+                            acc[(form, d, s)][metric] - acc[("real", 0, s)][metric]
+                            for d in range(DRAWS)
+                            for s in seeds
+                        ]
+                    )
+            # the last form against the first, paired by seed and draw
+            row["matched minus as generated: rare"] = _mean_std(
+                [
+                    acc[(FORMS[-1], d, s)]["rare"] - acc[(FORMS[0], d, s)]["rare"]
+                    for d in range(DRAWS)
+                    for s in seeds
+                ]
+            )
+            rows.append(row)
 
     report = {
         "regime": "seen",
         "config": str(regime.config),
         "draws": DRAWS,
         "seeds": [SEED_OFFSET + i for i in range(args.seeds)],
-        "scored_on": f"development pool: {len(dev)} images, {int(np.isin(dev_y, rare).sum())} rare",
+        "scored_on": splits,
         "real_stats": image_stats(user_x),
         "cue_per_draw": cue,
         "rows": rows,
@@ -267,18 +292,22 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        f"Scored on the {report['scored_on']}; paired with real + augmentation by seed,"
-        f" {len(report['seeds'])} seeds x {report['draws']} draws.",
+        f"Paired with real + augmentation by seed, {len(report['seeds'])} seeds x"
+        f" {report['draws']} draws; the last column: gray with its class's histogram minus as"
+        " generated, paired by seed and draw.",
         "",
-        "| recipe | real+aug rare | added images | rare minus real+aug | head | balanced |",
-        "|---|---:|---|---:|---:|---:|",
+        "| recipe | scored on (rare images) | real+aug rare | added images | rare minus real+aug"
+        " | head | balanced | matched minus as generated, rare |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         for form in FORMS:
+            last = _pm(r["matched minus as generated: rare"]) if form == FORMS[-1] else ""
             lines.append(
-                f"| {r['recipe']} {r['steps']} | {r['real_rare']['mean']:.1f}"
-                f" ± {r['real_rare']['std']:.1f} | {form} | {_pm(r[f'{form}: rare'])}"
-                f" | {_pm(r[f'{form}: head'])} | {_pm(r[f'{form}: balanced'])} |"
+                f"| {r['recipe']} {r['steps']} | {r['split']} ({r['rare_images']})"
+                f" | {r['real_rare']['mean']:.1f} ± {r['real_rare']['std']:.1f} | {form}"
+                f" | {_pm(r[f'{form}: rare'])} | {_pm(r[f'{form}: head'])}"
+                f" | {_pm(r[f'{form}: balanced'])} | {last} |"
             )
     return "\n".join(lines) + "\n"
 
