@@ -18,7 +18,8 @@ generation draws 0-2 as the evaluation makes them):
    data and augmentation by training seed, over seeds x draws. The diffusion model trained on the
    development pool, so its images may resemble those; that flatters every form of them alike.
    `--score-on dev,val,test` also scores on the evaluation's validation split (40 rare, which
-   the diffusion model never saw) and, once a form was chosen there, on its test split.
+   the diffusion model never saw) and on its test split, read only to report a form already
+   chosen on the development pool or validation.
 
 Writes out/cue_study/report.json and report.md.
 """
@@ -26,7 +27,6 @@ Writes out/cue_study/report.json and report.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -50,11 +50,11 @@ from research.evaluate import (
     regimes,
     rendered,
     run_tasks,
+    write_report,
 )
 
-SEED_OFFSET = (
-    300  # none of the evaluation's seeds (test 0-4, validation 100-102) nor recipe_study's
-)
+# training seeds: none of the evaluation's (test 0-4, validation 100-102) nor recipe_study's
+SEED_OFFSET = 300
 DRAWS = 3
 # the mixing (ratio, weight) that the evaluation's validation chose for the shipped tailseed,
 # seen regime (docs/eval.md), and the steps it chose on the development pool
@@ -265,11 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (args.out / "report.md").write_text(text)
-    print(text)
+    write_report(args.out, report, markdown(report))
     return 0
 
 

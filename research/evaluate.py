@@ -1523,6 +1523,15 @@ def evaluate_regime(
     return report, shown
 
 
+def write_report(out: Path, report: dict, text: str) -> None:
+    """A study's report.json (the numbers) and report.md (`text`, the tables) in `out`; the
+    tables are printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(text)
+    print(text)
+
+
 def _mean_std(values: list[float]) -> dict:
     arr = np.asarray(values, dtype=np.float64)
     return {

@@ -19,7 +19,6 @@ Writes out/recipe_study/report.json and report.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -38,6 +37,7 @@ from research.evaluate import (
     dev_pool,
     rendered,
     run_tasks,
+    write_report,
 )
 
 SEED_OFFSET = 200  # none of the evaluation's seeds (test 0-4, validation 100-102)
@@ -172,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": summarise(results, data, args.seeds),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (args.out / "report.md").write_text(text)
-    print(text)
+    write_report(args.out, report, markdown(report))
     print(
         f"{report['scored_on']}; seeds {report['seeds'][0]}-{report['seeds'][-1]}; {report['seconds']} s"
     )
