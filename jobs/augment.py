@@ -57,6 +57,7 @@ from tailseed.stages.generate import GenerateStage
 from tailseed.stages.invert import InvertStage, class_health, seed_rows
 from tailseed.stages.scan import EMBEDDED, scan
 from tailseed.stages.select import ClassPlan, prompt_for, select
+from tailseed.stages.tone import prepare as prepare_tone
 from tailseed.stages.walk import ClassWalks, ShardSlots, walk_position
 
 
@@ -82,6 +83,7 @@ class Plan:
     listing: Listing
     failed: dict[str, str] = field(default_factory=dict)  # source key -> why its inversion failed
     filter: dict = field(default_factory=dict)  # the filter's judge and threshold, when on
+    tone: dict = field(default_factory=dict)  # the tone stage's decision and histograms, when on
     health: dict = field(default_factory=dict)  # class index (str) -> reconstruction health
     clip_judge: dict | None = None  # the CLIP judge described (loaded once), when it is on
 
@@ -262,6 +264,12 @@ def describe_plan(plan: Plan) -> list[str]:
         f"images to generate: {est['images']}{pool}; UNet evaluations: inversion <= "
         f"{est['invert_max']}, generation {est['generate']}"
     )
+    tone = plan.config.tone
+    if tone.enabled:
+        lines.append(
+            f"tone: gray {tone.gray}"
+            + (", each class's histogram of real pixel values" if tone.match_histogram else "")
+        )
     return lines
 
 
@@ -597,6 +605,7 @@ def finalize(
             "left_out_classes": plan.left_out,
         },
         "filter": plan.filter,
+        "tone": {k: v for k, v in plan.tone.items() if k != "histograms"},
         "health": plan.health,
         "timings": timings,
         "node_ids": sorted(n for n in nodes if n),
@@ -792,6 +801,16 @@ def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: 
                 log,
                 {c: prompt_for(name, config.select) for c, name in plan.classes.items()},
                 clip_described=plan.clip_judge,
+            )
+        if config.tone.enabled:
+            plan.tone = prepare_tone(
+                config.tone,
+                plan.listing,
+                [p.class_index for p in plan.plans],
+                plan.model["image_size"],
+                config.dataset.image_column,
+                out / "tone",
+                log,
             )
         num_shards = run_generation(plan, slots, runner, out, timings, nodes)
     finally:

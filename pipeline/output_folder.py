@@ -36,7 +36,7 @@ def code_hash(root: Path | None = None) -> str:
 
 LOCK_NAME = ".lock"
 # What a run writes; a rerun into a folder whose run.json is unreadable redoes all of it.
-OUTPUTS = ("shards", "seeds", "walks", "filter", "classes.json")
+OUTPUTS = ("shards", "seeds", "walks", "filter", "tone", "classes.json")
 
 
 def _describe_change(before: dict, now: dict) -> str:

@@ -192,6 +192,11 @@ def has_filter() -> bool:
     return "filter" in {f.name for f in fields(AugmentConfig)}
 
 
+def has_tone() -> bool:
+    """Whether the product has the tone stage (a `tone` section in the augment config)."""
+    return "tone" in {f.name for f in fields(AugmentConfig)}
+
+
 def variants(card: dict, regime: str, filter_available: bool) -> list[Variant]:
     """The variants of a regime. Plain prompts use the model card's own guidance and steps (the
     model's stock sampling); with the filter stage they pass through the same filter as tailseed.
@@ -240,16 +245,25 @@ SHIPPED_PERTURB_ANGLE = 0.3  # radians: the perturbed candidate's cos(a) z + sin
 # runs), with the median distance to the sources growing (17.9/17.2, 18.3/17.2, 19.1/19.7 for
 # four/seven); pure noise (pi/2) is plain prompts, under 50% in class
 SHIPPED_FAR_ANGLE = 1.2
+# the toned candidate: the config with the tone stage made gray (the embedded digits are) and each
+# class's histogram matched, the form the cue study chose on the development pool for both recipes
+# (research/cue_study.py, docs/results.md#cue-study)
+SHIPPED_TONE = ("tone.gray=auto", "tone.match_histogram=true")
 
 
-def shipped_candidates(filter_available: bool) -> dict[str, tuple[str, ...]]:
+def shipped_candidates(
+    filter_available: bool, tone_available: bool = False
+) -> dict[str, tuple[str, ...]]:
     """The tailseed configurations that validation chooses "as shipped" from: the config as it is;
     where the product has the filter stage, with the filter on, with the filter on and walk
     seeds perturbed by SHIPPED_PERTURB_ANGLE, with the filter on and generation at the
     inversion's guidance (`generate.guidance_scale` unset: a config that raises it is also tried
-    without), and with the filter on and seeds perturbed by SHIPPED_FAR_ANGLE. A candidate equal
-    to another (same config hash) shares its run and its trainings."""
+    without), and with the filter on and seeds perturbed by SHIPPED_FAR_ANGLE; where the product
+    has the tone stage, the config with SHIPPED_TONE. A candidate equal to another (same config
+    hash) shares its run and its trainings."""
     out = {"config": ()}
+    if tone_available:
+        out["toned"] = SHIPPED_TONE
     if filter_available:
         out["filter_on"] = ("filter.enabled=true",)
         out["filter_on_perturbed"] = (
@@ -1400,7 +1414,7 @@ def evaluate_regime(
     split = DigitsSplit(**card["split"])
     filt = has_filter()
     all_variants = variants(card, regime.key, filt)
-    candidates = shipped_candidates(filt)
+    candidates = shipped_candidates(filt, has_tone())
     log(f"{regime.key}: model {base.model.path}, filter stage {'present' if filt else 'absent'}")
 
     # 1. generation, draw 0 of every generated variant and every shipped candidate

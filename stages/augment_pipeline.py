@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tailseed.pipeline.config import (
+    HASHED_UNLESS_DEFAULT,
     NOT_HASHED,
     apply_overrides,
     config_hash,
@@ -26,6 +27,7 @@ from tailseed.stages.generate import GenerateConfig, GenerateStage
 from tailseed.stages.invert import InvertConfig
 from tailseed.stages.scan import ScanConfig
 from tailseed.stages.select import SelectConfig
+from tailseed.stages.tone import ToneConfig, ToneStage
 from tailseed.stages.walk import WalkConfig
 from tailseed.stages.write import ShardsConfig, WriteStage
 
@@ -50,6 +52,8 @@ class AugmentConfig:
     walk: WalkConfig = field(default_factory=WalkConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    # added after outputs existed: off (the default) leaves a config's hash as it was
+    tone: ToneConfig = field(default_factory=ToneConfig, metadata=HASHED_UNLESS_DEFAULT)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     ray: RayConfig = field(default_factory=RayConfig, metadata=NOT_HASHED)
 
@@ -74,8 +78,8 @@ class AugmentConfig:
 # The stages every shard goes through, in order. Each has `name` and
 # `spec(config: AugmentConfig, shards_dir: Path) -> pipeline.runner.Stage`; the first takes the
 # unit that GenerateStage.unit builds, the last writes the shard and its done-marker.
-# A stage whose spec is None for a config (the filter when it is off) is left out.
-SHARD_STAGES = (GenerateStage, FilterStage, WriteStage)
+# A stage whose spec is None for a config (the filter or tone when off) is left out.
+SHARD_STAGES = (GenerateStage, FilterStage, ToneStage, WriteStage)
 
 
 def shard_stages(config: AugmentConfig, shards_dir: Path) -> list:

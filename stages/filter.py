@@ -73,7 +73,7 @@ class FilterConfig:
         return self.pool_factor if self.enabled else 1
 
 
-def _real_images(
+def real_images(
     listing: Listing, image_size: int, image_column: str, per_class: int
 ) -> tuple[np.ndarray, np.ndarray, Counter]:
     """Up to `per_class` decoded real images of every class, in key order: (N, S, S, 3) uint8,
@@ -132,7 +132,7 @@ def prepare(
     if summary_path.is_file():
         return json.loads(summary_path.read_text())
     # 1. the user's own real images, every class (capped per class)
-    images, labels, skipped = _real_images(listing, image_size, image_column, config.max_per_class)
+    images, labels, skipped = real_images(listing, image_size, image_column, config.max_per_class)
     class_indices = sorted({int(c) for c in labels})
     position = {c: i for i, c in enumerate(class_indices)}
     targets = np.asarray([position[int(c)] for c in labels], np.int64)
