@@ -259,11 +259,17 @@ def shipped_candidates(
     seeds perturbed by SHIPPED_PERTURB_ANGLE, with the filter on and generation at the
     inversion's guidance (`generate.guidance_scale` unset: a config that raises it is also tried
     without), and with the filter on and seeds perturbed by SHIPPED_FAR_ANGLE; where the product
-    has the tone stage, the config with SHIPPED_TONE. A candidate equal to another (same config
+    has the tone stage, the config with SHIPPED_TONE, and the far candidate with it. A candidate equal to another (same config
     hash) shares its run and its trainings."""
     out = {"config": ()}
     if tone_available:
         out["toned"] = SHIPPED_TONE
+        if filter_available:  # the far walks' images toned: further from the sources, no cue
+            out["toned_far"] = (
+                "filter.enabled=true",
+                f"walk.perturb_angle={SHIPPED_FAR_ANGLE}",
+                *SHIPPED_TONE,
+            )
     if filter_available:
         out["filter_on"] = ("filter.enabled=true",)
         out["filter_on_perturbed"] = (
