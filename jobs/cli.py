@@ -164,6 +164,12 @@ def add_seed_commands(sub) -> None:
         help="seeds or walks Parquet file, or a folder of them (a run's walks/class_NNNN/)",
     )
     gen.add_argument("--out", required=True, type=Path, help="folder for <key>.png")
+    gen.add_argument(
+        "--tone",
+        type=Path,
+        help="a run's tone/tone.json: tone the images as that run's tone stage did (gray, each "
+        "class's histogram), so that they compare with its shards",
+    )
     gen.add_argument("--batch-size", type=int, default=16, help=_defaults("images per batch"))
     console.add_flags(gen, at_top=False)
     gen.set_defaults(func="tailseed.jobs.seed_commands:run_generate")

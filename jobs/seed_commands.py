@@ -137,6 +137,38 @@ def run_invert(args) -> int:
 # generate
 
 
+def _tone_of(path: Path | None, seeds: Path):
+    """The tone stage of a run's tone/tone.json, or None. Without --tone, seeds inside a run
+    whose shards were toned get a notice: the images written are then as generated."""
+    import json
+
+    from tailseed.stages.tone import ToneStage
+
+    if path is None:
+        run = seeds.resolve().parent.parent if seeds.is_file() else seeds.resolve().parent
+        for candidate in (run / "tone" / "tone.json", run.parent / "tone" / "tone.json"):
+            if candidate.is_file():
+                print(
+                    f"tailseed generate: note: that run's shards were toned; --tone {candidate} "
+                    "tones these images the same way",
+                    file=sys.stderr,
+                )
+                break
+        return None
+    try:
+        summary = json.loads(path.read_text())
+        return ToneStage(gray=summary["gray"], histograms=summary.get("histograms"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"--tone {path}: not a run's tone/tone.json ({exc}); pass the file the run wrote"
+        ) from exc
+
+
+def _class_index(row: dict) -> int:
+    """A walks row's class index; -1 (no class histogram: gray only) where it has none."""
+    return -1 if row.get("class_index") is None else int(row["class_index"])
+
+
 def run_generate(args) -> int:
     from PIL import Image
 
@@ -155,6 +187,7 @@ def run_generate(args) -> int:
             shapes.setdefault(tuple(r["shape"]), (path, r["key"]))
             hashes.add(r["model_hash"])
     check_keys(keys, where=str(args.seeds))
+    tone = _tone_of(args.tone, args.seeds)
     pipe, info = load_pipeline(ModelSpec(path=args.model, device=args.device))
     latent_shape = (
         int(pipe.unet.config.in_channels),
@@ -196,6 +229,15 @@ def run_generate(args) -> int:
                     )
                     bar.finished(unit, len(part))
                     unit += 1
+                    if tone is not None:
+                        images = tone(
+                            {
+                                "image": images,
+                                "ok": np.ones(len(part), bool),
+                                "cls": np.asarray([_class_index(r) for r in part], np.int64),
+                                "meta": np.asarray(["{}"] * len(part)),
+                            }
+                        )["image"]
                     for r, image in zip(part, images):
                         Image.fromarray(image).save(args.out / f"{r['key']}.png")
     console.log(f"wrote {len(keys)} images to {args.out}", console.SUMMARY, prefix="")

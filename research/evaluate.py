@@ -249,6 +249,10 @@ SHIPPED_FAR_ANGLE = 1.2
 # class's histogram matched, the form the cue study chose on the development pool for both recipes
 # (research/cue_study.py, docs/results.md#cue-study)
 SHIPPED_TONE = ("tone.gray=auto", "tone.match_histogram=true")
+# the untoned candidate: the tone stage off, as every run was before it existed; since 7e8c7b2's
+# evaluation chose the toned form in both regimes, configs/default.yaml ships it, and this is the
+# candidate that keeps measuring the stage against its absence
+UNTONED = ("tone.gray=never", "tone.match_histogram=false")
 
 
 def shipped_candidates(
@@ -259,11 +263,13 @@ def shipped_candidates(
     seeds perturbed by SHIPPED_PERTURB_ANGLE, with the filter on and generation at the
     inversion's guidance (`generate.guidance_scale` unset: a config that raises it is also tried
     without), and with the filter on and seeds perturbed by SHIPPED_FAR_ANGLE; where the product
-    has the tone stage, the config with SHIPPED_TONE, and the far candidate with it. A candidate equal to another (same config
-    hash) shares its run and its trainings."""
+    has the tone stage, the config with SHIPPED_TONE, the config with the stage off (UNTONED), and
+    the far candidate with SHIPPED_TONE. A candidate equal to another (same config hash) shares
+    its run and its trainings."""
     out = {"config": ()}
     if tone_available:
         out["toned"] = SHIPPED_TONE
+        out["untoned"] = UNTONED
         if filter_available:  # the far walks' images toned: further from the sources, no cue
             out["toned_far"] = (
                 "filter.enabled=true",

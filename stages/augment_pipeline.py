@@ -13,11 +13,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tailseed.pipeline.config import (
-    HASHED_UNLESS_DEFAULT,
     NOT_HASHED,
     apply_overrides,
     config_hash,
     from_dict,
+    hashed_unless,
     load_yaml,
 )
 from tailseed.pipeline.errors import UserError
@@ -27,7 +27,7 @@ from tailseed.stages.generate import GenerateConfig, GenerateStage
 from tailseed.stages.invert import InvertConfig
 from tailseed.stages.scan import ScanConfig
 from tailseed.stages.select import SelectConfig
-from tailseed.stages.tone import ToneConfig, ToneStage
+from tailseed.stages.tone import TONE_OFF, ToneConfig, ToneStage
 from tailseed.stages.walk import WalkConfig
 from tailseed.stages.write import ShardsConfig, WriteStage
 
@@ -52,8 +52,9 @@ class AugmentConfig:
     walk: WalkConfig = field(default_factory=WalkConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
-    # added after outputs existed: off (the default) leaves a config's hash as it was
-    tone: ToneConfig = field(default_factory=ToneConfig, metadata=HASHED_UNLESS_DEFAULT)
+    # added after outputs existed: off leaves a config's hash as it was before; on (the default)
+    # enters it, so a folder written without the stage is not resumed as if it had it
+    tone: ToneConfig = field(default_factory=ToneConfig, metadata=hashed_unless(TONE_OFF))
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     ray: RayConfig = field(default_factory=RayConfig, metadata=NOT_HASHED)
 

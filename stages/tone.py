@@ -4,7 +4,8 @@ A generated image can carry a cue that no real image has: the embedded digits ar
 with a third of their pixels exactly black, while the tiny model draws a faint tint and a faint
 background. A classifier can learn that cue instead of the shape (docs/results.md#cue-study: a
 probe on shape-free features tells tailseed's images from real ones 100% of the time). Two
-options, both off by default:
+options, both on by default (the evaluation's validation chose them in both regimes,
+docs/results.md#tone-stage):
 - `gray`: every channel becomes the rounded channel mean. "auto" does it when every real image
   read (up to `max_per_class` per class, every class) is gray, "always", or "never".
 - `match_histogram`: each image's pixels, ranked by value (ties in pixel order), take the values
@@ -38,8 +39,8 @@ GRAY_SETTINGS = ("never", "auto", "always")  # not on/off: YAML reads those as b
 
 @dataclass(frozen=True)
 class ToneConfig:
-    gray: str = "never"  # "auto": when every real image read is gray; "always"; "never"
-    match_histogram: bool = False  # each image gets its class's histogram, rank for rank
+    gray: str = "auto"  # when every real image read is gray; "always"; "never"
+    match_histogram: bool = True  # each image gets its class's histogram, rank for rank
     max_per_class: int = 200  # real images per class decoded for the decision and the histograms
     resources: Resources = field(
         default_factory=lambda: Resources(num_cpus=0.25), metadata=NOT_HASHED
@@ -54,6 +55,10 @@ class ToneConfig:
     @property
     def enabled(self) -> bool:
         return self.gray != "never" or self.match_histogram
+
+
+# The tone stage off: what every run did before the stage existed (the config hash's baseline).
+TONE_OFF = ToneConfig(gray="never", match_histogram=False)
 
 
 def is_gray(images: np.ndarray) -> bool:

@@ -64,7 +64,9 @@ def test_output_hash_ignores_where_and_how_fast():
 
 # The hash of configs/default.yaml: a refactor must not orphan a user's output folder. Change it
 # only with a change that is meant to change what the default run produces.
-DEFAULT_HASH = "14c5f8d4e14b62cb"  # filter on, perturb_angle 0.3: the validation's choice
+DEFAULT_HASH = "8e9cd9b6922c342e"  # filter on, perturb 0.3, tone on: the validation's choices
+# ... and with the tone stage off, the hash the default run had before the stage existed
+DEFAULT_HASH_UNTONED = "14c5f8d4e14b62cb"
 # The keys of configs/default.yaml that describe its dataset rather than defaults of the method.
 DATASET_KEYS = {("dataset", "path"), ("dataset", "materialize"), ("select", "prompt_template")}
 
@@ -81,6 +83,8 @@ def _flat(data: dict, prefix: tuple = ()) -> dict:
 
 def test_default_config_hash_is_pinned():
     assert output_hash(load_config(DEFAULT)) == DEFAULT_HASH
+    untoned = load_config(DEFAULT, ["tone.gray=never", "tone.match_histogram=false"])
+    assert output_hash(untoned) == DEFAULT_HASH_UNTONED
 
 
 def test_a_minimal_config_takes_the_values_of_default_yaml(tmp_path):

@@ -166,6 +166,27 @@ def test_generate_refuses_a_seed_of_another_shape(main, tmp_path, tiny_model_dir
     assert "shape (4, 4, 4)" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_tone_file_that_is_not_a_runs(main, tmp_path, tiny_model_dir, capsys):
+    from tailseed.pipeline.seed_table import write_seeds
+
+    row = {
+        "key": "k",
+        "prompt": "p",
+        "seed": np.zeros((4, 8, 8), np.float32),
+        "guidance_scale": 1.0,
+        "num_inference_steps": 2,
+        "model": "m",
+        "model_hash": "h",
+    }
+    write_seeds(tmp_path / "s.parquet", [row])
+    (tmp_path / "tone.json").write_text('{"histograms": {}}')  # no "gray": not what a run writes
+    argv = ["generate", "--model", str(tiny_model_dir), "--seeds", str(tmp_path / "s.parquet")]
+    argv += ["--tone", str(tmp_path / "tone.json"), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert f"--tone {tmp_path / 'tone.json'}: not a run's tone/tone.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any model work
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--version"])

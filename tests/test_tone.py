@@ -75,7 +75,7 @@ def test_prepare_decides_gray_from_the_real_images(small_dataset, gray_dataset, 
     assert gray["gray"] is True and len(gray["histograms"]["2"]) == 1
     assert sum(gray["histograms"]["2"][0]) == 3 * 16 * 16
     forced = prepare(
-        ToneConfig(gray="always"),
+        ToneConfig(gray="always", match_histogram=False),
         list_dataset(small_dataset),
         [1],
         16,
@@ -130,18 +130,25 @@ def test_the_stage_tones_the_rows_that_are_ok_and_says_so():
     assert tones == [{"gray": True, "histogram": "class"}, None, {"gray": True, "histogram": None}]
 
 
-def test_tone_is_off_by_default_and_out_of_the_hash_until_set(
+def test_tone_is_on_by_default_and_out_of_the_hash_only_when_off(
     tmp_path, tiny_model_dir, small_dataset
 ):
+    from tailseed.pipeline.config import hashed_dict
     from tailseed.stages.augment_pipeline import load_config, output_hash, shard_stages
 
     config = write_config(tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "a")
     plain = load_config(config)
-    assert not plain.tone.enabled
-    assert output_hash(load_config(config, ["tone.gray=never"])) == output_hash(plain)
-    assert output_hash(load_config(config, ["tone.gray=auto"])) != output_hash(plain)
-    names = [s.name for s in shard_stages(plain, tmp_path / "a" / "shards")]
-    assert "tone" not in names
+    assert plain.tone.enabled
+    off = load_config(config, ["tone.gray=never", "tone.match_histogram=false"])
+    assert "tone" not in [s.name for s in shard_stages(off, tmp_path / "a" / "shards")]
+    # off is what a run was before the stage existed: its hash has no tone section, so a folder
+    # written then keeps its hash; the default (on) is another output and another hash
+    assert "tone" not in hashed_dict(off) and "tone" in hashed_dict(plain)
+    assert output_hash(plain) != output_hash(off)
+    assert output_hash(load_config(config, ["tone.gray=never"])) not in {
+        output_hash(plain),
+        output_hash(off),
+    }
 
 
 @pytest.mark.slow
