@@ -145,8 +145,9 @@ def _tone_of(path: Path | None, seeds: Path):
     from tailseed.stages.tone import ToneStage
 
     if path is None:
-        run = seeds.resolve().parent.parent if seeds.is_file() else seeds.resolve().parent
-        for candidate in (run / "tone" / "tone.json", run.parent / "tone" / "tone.json"):
+        # a run's walks/class_NNNN/ or one of its parts: the run folder is 2 or 3 levels up
+        for folder in seeds.resolve().parents[:3]:
+            candidate = folder / "tone" / "tone.json"
             if candidate.is_file():
                 print(
                     f"tailseed generate: note: that run's shards were toned; --tone {candidate} "
@@ -157,7 +158,7 @@ def _tone_of(path: Path | None, seeds: Path):
         return None
     try:
         summary = json.loads(path.read_text())
-        return ToneStage(gray=summary["gray"], histograms=summary.get("histograms"))
+        return ToneStage(**ToneStage.arguments(summary))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(
             f"--tone {path}: not a run's tone/tone.json ({exc}); pass the file the run wrote"
@@ -230,14 +231,7 @@ def run_generate(args) -> int:
                     bar.finished(unit, len(part))
                     unit += 1
                     if tone is not None:
-                        images = tone(
-                            {
-                                "image": images,
-                                "ok": np.ones(len(part), bool),
-                                "cls": np.asarray([_class_index(r) for r in part], np.int64),
-                                "meta": np.asarray(["{}"] * len(part)),
-                            }
-                        )["image"]
+                        images = tone.tone(images, [_class_index(r) for r in part])
                     for r, image in zip(part, images):
                         Image.fromarray(image).save(args.out / f"{r['key']}.png")
     console.log(f"wrote {len(keys)} images to {args.out}", console.SUMMARY, prefix="")

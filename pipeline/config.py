@@ -180,26 +180,16 @@ def to_dict(obj: Any) -> Any:
 
 # Field metadata that the config hash reads. A field marked NOT_HASHED changes where or how fast the
 # work runs, never what it produces (resources, actor counts, the output folder). A field marked
-# HASHED_UNLESS_DEFAULT was added after outputs existed: at its default it reproduces the old
-# behaviour and is left out of the hash, so folders made before it was added keep their hash.
-# `hashed_unless(baseline)` is the same for a field whose default has since moved away from the
-# old behaviour: it is left out of the hash only at `baseline`, so a folder made before the field
-# existed keeps its hash and a default run after the change gets another one.
+# `hashed_unless(baseline)` was added after outputs existed: at `baseline` it reproduces the old
+# behaviour and is left out of the hash, so folders made before it was added keep their hash. The
+# baseline is the old behaviour, not the field's default: a default that moves away from it later
+# enters the hash, and a folder written before is not resumed as if it had the new default.
 NOT_HASHED = {"hashed": False}
-HASHED_UNLESS_DEFAULT = {"hashed": "unless_default"}
 
 
 def hashed_unless(baseline: Any) -> dict:
     """Field metadata: the field enters the config hash unless its value equals `baseline`."""
     return {"hashed": "unless_baseline", "baseline": baseline}
-
-
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
 
 
 def hashed_dict(obj: Any) -> Any:
@@ -211,8 +201,6 @@ def hashed_dict(obj: Any) -> Any:
         rule = f.metadata.get("hashed", True)
         value = getattr(obj, f.name)
         if rule is False:
-            continue
-        if rule == "unless_default" and hashed_dict(value) == hashed_dict(_default_of(f)):
             continue
         if rule == "unless_baseline" and hashed_dict(value) == hashed_dict(f.metadata["baseline"]):
             continue

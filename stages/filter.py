@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tailseed.pipeline.config import HASHED_UNLESS_DEFAULT, NOT_HASHED
+from tailseed.pipeline.config import NOT_HASHED, hashed_unless
 from tailseed.pipeline.datasets import Listing, read_bytes
 from tailseed.pipeline.errors import UserError
 from tailseed.pipeline.images import SkipSample, decode_image
@@ -56,7 +56,7 @@ class FilterConfig:
     judge_seed: int = 0
     # a second judge: a CLIP model (a local folder, or a hub id already in the local Hugging Face
     # cache; never downloaded); "" is off, and the ranking is the self-judge's alone
-    clip_judge: str = field(default="", metadata=HASHED_UNLESS_DEFAULT)
+    clip_judge: str = field(default="", metadata=hashed_unless(""))
     resources: Resources = field(
         default_factory=lambda: Resources(num_cpus=0.25), metadata=NOT_HASHED
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tailseed.pipeline.config import HASHED_UNLESS_DEFAULT
+from tailseed.pipeline.config import hashed_unless
 from tailseed.pipeline.datasets import Listing, list_dataset, name_classes, read_class_names
 from tailseed.pipeline.errors import UserError
 
@@ -24,7 +24,7 @@ class ScanConfig:
     # (e.g. {3: three}), or a file (.json / .yaml mapping, or .txt with one name per line, line i
     # naming label i). Empty: the labels are the names.
     class_names: dict[int | str, str] | str = field(
-        default_factory=dict, metadata=HASHED_UNLESS_DEFAULT
+        default_factory=dict, metadata=hashed_unless({})
     )
 
     def validate(self, where: str) -> None:

@@ -172,8 +172,23 @@ class ToneStage:
         if not config.tone.enabled:
             return None
         summary = json.loads((shards_dir.parent / "tone" / "tone.json").read_text())
-        kwargs = {"gray": summary["gray"], "histograms": summary.get("histograms")}
+        kwargs = ToneStage.arguments(summary)
         return Stage(ToneStage.name, ToneStage, kwargs, config.tone.resources)
+
+    @staticmethod
+    def arguments(summary: dict) -> dict:
+        """The stage's arguments from a run's tone/tone.json (KeyError when it is not one)."""
+        return {"gray": summary["gray"], "histograms": summary.get("histograms")}
+
+    def tone(self, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 images of `classes` (N,) toned: made gray when the run's images
+        were, each matched to its class's histogram where the run has one."""
+        out = to_gray(images) if self.gray else np.array(images, copy=True)
+        for i, cls in enumerate(classes):
+            hist = self.histograms.get(str(int(cls)))
+            if hist is not None:
+                out[i : i + 1] = match_to(out[i : i + 1], hist)
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], bool)
@@ -182,12 +197,9 @@ class ToneStage:
         images = np.array(batch["image"], copy=True)
         meta = list(batch["meta"])
         rows = np.flatnonzero(ok)
-        if self.gray:
-            images[rows] = to_gray(images[rows])
+        images[rows] = self.tone(images[rows], np.asarray(batch["cls"])[rows])
         for i in rows:
             hist = self.histograms.get(str(int(batch["cls"][i])))
-            if hist is not None:
-                images[i : i + 1] = match_to(images[i : i + 1], hist)
             sample = json.loads(str(meta[i]))
             sample["tone"] = {"gray": self.gray, "histogram": "class" if hist else None}
             meta[i] = json.dumps(sample, sort_keys=True, ensure_ascii=False)

@@ -130,9 +130,8 @@ def test_generate_cli_regenerates_a_shard_sample(first_run, tmp_path):
     plain, toned = (np.asarray(Image.open(tmp_path / d / name)) for d in ("plain", "toned"))
     # --tone is the run's tone stage applied to the image as generated
     summary = json.loads(tone_json.read_text())
-    stage = ToneStage(gray=summary["gray"], histograms=summary.get("histograms"))
-    batch = {"image": plain[None], "ok": np.ones(1, bool), "cls": np.ones(1, np.int64)}
-    assert np.array_equal(stage({**batch, "meta": np.asarray(["{}"])})["image"][0], toned)
+    stage = ToneStage(**ToneStage.arguments(summary))
+    assert np.array_equal(stage.tone(plain[None], [1])[0], toned)
     # equal to the shard's image up to batch-composition rounding, which histogram matching can
     # turn into a neighbouring rank's value
     diff = np.abs(in_shard - toned.astype(int))

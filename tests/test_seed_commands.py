@@ -148,37 +148,32 @@ def test_duplicate_keys_are_an_error(main, tmp_path, tiny_model_dir, capsys):
     assert "same key 'img'" in capsys.readouterr().err
 
 
-def test_generate_refuses_a_seed_of_another_shape(main, tmp_path, tiny_model_dir, capsys):
+def _one_seed_file(path: Path, shape: tuple[int, ...]) -> Path:
+    """A seeds file of one row whose seed has `shape`."""
     from tailseed.pipeline.seed_table import write_seeds
 
     row = {
         "key": "k",
         "prompt": "p",
-        "seed": np.zeros((4, 4, 4), np.float32),
+        "seed": np.zeros(shape, np.float32),
         "guidance_scale": 1.0,
         "num_inference_steps": 2,
         "model": "m",
         "model_hash": "h",
     }
-    write_seeds(tmp_path / "s.parquet", [row])
+    write_seeds(path, [row])
+    return path
+
+
+def test_generate_refuses_a_seed_of_another_shape(main, tmp_path, tiny_model_dir, capsys):
+    _one_seed_file(tmp_path / "s.parquet", (4, 4, 4))
     argv = ["generate", "--model", str(tiny_model_dir), "--seeds", str(tmp_path / "s.parquet")]
     assert main(argv + ["--out", str(tmp_path / "o")]) == 2
     assert "shape (4, 4, 4)" in capsys.readouterr().err
 
 
 def test_generate_refuses_a_tone_file_that_is_not_a_runs(main, tmp_path, tiny_model_dir, capsys):
-    from tailseed.pipeline.seed_table import write_seeds
-
-    row = {
-        "key": "k",
-        "prompt": "p",
-        "seed": np.zeros((4, 8, 8), np.float32),
-        "guidance_scale": 1.0,
-        "num_inference_steps": 2,
-        "model": "m",
-        "model_hash": "h",
-    }
-    write_seeds(tmp_path / "s.parquet", [row])
+    _one_seed_file(tmp_path / "s.parquet", (4, 8, 8))
     (tmp_path / "tone.json").write_text('{"histograms": {}}')  # no "gray": not what a run writes
     argv = ["generate", "--model", str(tiny_model_dir), "--seeds", str(tmp_path / "s.parquet")]
     argv += ["--tone", str(tmp_path / "tone.json"), "--out", str(tmp_path / "o")]
