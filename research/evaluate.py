@@ -221,8 +221,7 @@ def variants(card: dict, regime: str, filter_available: bool) -> list[Variant]:
         ),
     ]
     if regime == "seen" and filter_available:
-        tails = [CLASS_NAMES[c] for c in card["split"]["tail_classes"]]
-        generic = tuple(f"select.prompt_overrides.{n}={GENERIC_PROMPT}" for n in tails)
+        generic = generic_prompts(card)
         out.append(
             Variant("generic", "generic prompt + filter", "generated", (*stock, *generic, *on))
         )
@@ -255,8 +254,16 @@ SHIPPED_TONE = ("tone.gray=auto", "tone.match_histogram=true")
 UNTONED = ("tone.gray=never", "tone.match_histogram=false")
 
 
+def generic_prompts(card: dict) -> tuple[str, ...]:
+    """Overrides that prompt every tail class with GENERIC_PROMPT, the seen model's caption of
+    its unnamed tail images: the superclass a user would write for a concept the model cannot
+    name."""
+    tails = [CLASS_NAMES[c] for c in card["split"]["tail_classes"]]
+    return tuple(f"select.prompt_overrides.{n}={GENERIC_PROMPT}" for n in tails)
+
+
 def shipped_candidates(
-    filter_available: bool, tone_available: bool = False
+    filter_available: bool, tone_available: bool = False, generic: tuple[str, ...] = ()
 ) -> dict[str, tuple[str, ...]]:
     """The tailseed configurations that validation chooses "as shipped" from: the config as it is;
     where the product has the filter stage, with the filter on, with the filter on and walk
@@ -264,8 +271,10 @@ def shipped_candidates(
     inversion's guidance (`generate.guidance_scale` unset: a config that raises it is also tried
     without), and with the filter on and seeds perturbed by SHIPPED_FAR_ANGLE; where the product
     has the tone stage, the config with SHIPPED_TONE, the config with the stage off (UNTONED), and
-    the far candidate with SHIPPED_TONE. A candidate equal to another (same config hash) shares
-    its run and its trainings."""
+    the far candidate with SHIPPED_TONE; with `generic` (prompt overrides, the seen regime's
+    `generic_prompts`), the toned far candidate inverted and generated under those prompts
+    (`generic_far`). A candidate equal to another (same config hash) shares its run and its
+    trainings."""
     out = {"config": ()}
     if tone_available:
         out["toned"] = SHIPPED_TONE
@@ -276,6 +285,8 @@ def shipped_candidates(
                 f"walk.perturb_angle={SHIPPED_FAR_ANGLE}",
                 *SHIPPED_TONE,
             )
+        if filter_available and generic:  # the superclass prompt: the model's unnamed images
+            out["generic_far"] = (*out["toned_far"], *generic)
     if filter_available:
         out["filter_on"] = ("filter.enabled=true",)
         out["filter_on_perturbed"] = (
@@ -1426,7 +1437,8 @@ def evaluate_regime(
     split = DigitsSplit(**card["split"])
     filt = has_filter()
     all_variants = variants(card, regime.key, filt)
-    candidates = shipped_candidates(filt, has_tone())
+    generic = generic_prompts(card) if regime.key == "seen" else ()
+    candidates = shipped_candidates(filt, has_tone(), generic)
     log(f"{regime.key}: model {base.model.path}, filter stage {'present' if filt else 'absent'}")
 
     # 1. generation, draw 0 of every generated variant and every shipped candidate

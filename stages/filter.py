@@ -39,6 +39,7 @@ from tailseed.pipeline.runner import Resources, Stage
 from tailseed.pipeline.shards import atomic_write, dumps
 
 REASONS = ("near_copy", "not_kept")  # why a generated candidate is not written
+KEEP_RULES = ("best", "spread")  # FilterConfig.keep
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,15 @@ class FilterConfig:
     # a second judge: a CLIP model (a local folder, or a hub id already in the local Hugging Face
     # cache; never downloaded); "" is off, and the ranking is the self-judge's alone
     clip_judge: str = field(default="", metadata=hashed_unless(""))
+    # Which candidates are kept, among those that are not near-copies:
+    # "best": the highest judge scores. A judge trained on a class's few real images scores
+    #   highest what looks most like them, so the kept images stay close to the sources.
+    # "spread": among the candidates whose judge score is at least `min_score`, a greedy
+    #   farthest-point set: each next one the farthest from every real image and from the ones
+    #   kept so far (filled from the best-scored when too few pass). The kept images cover the
+    #   pool's range of the class instead of its centre.
+    keep: str = field(default="best", metadata=hashed_unless("best"))
+    min_score: float = field(default=0.9, metadata=hashed_unless(0.9))  # for keep: spread
     resources: Resources = field(
         default_factory=lambda: Resources(num_cpus=0.25), metadata=NOT_HASHED
     )
@@ -66,6 +76,10 @@ class FilterConfig:
             raise UserError(f"{where}: pool_factor >= 1, judge_folds >= 2 and judge_steps >= 1")
         if not 0 <= self.near_copy_percentile <= 100 or self.max_per_class < 2:
             raise UserError(f"{where}: near_copy_percentile in [0, 100], max_per_class >= 2")
+        if self.keep not in KEEP_RULES:
+            raise UserError(f"{where}.keep: {self.keep!r}; use one of {', '.join(KEEP_RULES)}")
+        if not 0 <= self.min_score <= 1:
+            raise UserError(f"{where}.min_score: {self.min_score} is not in [0, 1]")
 
     @property
     def pool(self) -> int:
@@ -221,6 +235,28 @@ def ranked(
     return sorted(rows, key=lambda i: (-float(score[i]), str(keys[i])))
 
 
+def spread(
+    rows: list[int], score: np.ndarray, nearest: np.ndarray, images: np.ndarray, min_score: float
+) -> list[int]:
+    """`rows` (ranked best first) in the order "spread" keeps them: first the candidates whose
+    `score` is at least `min_score`, each next the one farthest from every real image (`nearest`,
+    (N,) RMS) and from those already taken (RMS over `images`, (N, S, S, 3) float at the judge's
+    working resolution); then the rest in their ranked order. Ties go to the better rank."""
+    from tailseed.pipeline.self_judge import rms_distances
+
+    passing = [i for i in rows if score[i] >= min_score]
+    rest = [i for i in rows if score[i] < min_score]
+    gap = nearest[passing].astype(np.float64)
+    order: list[int] = []
+    while len(order) < len(passing):
+        j = int(np.argmax(gap))  # the first of equal gaps: the better-ranked
+        order.append(passing[j])
+        to_new = rms_distances(images[passing], images[passing[j] : passing[j] + 1])
+        gap = np.minimum(gap, to_new)
+        gap[[passing.index(i) for i in order]] = -np.inf
+    return order + rest
+
+
 class FilterStage:
     """Scores a shard's candidates and keeps the best per class (schema in the module docstring)."""
 
@@ -237,9 +273,12 @@ class FilterStage:
         clip_judge: str = "",
         clip_revision: str | None = None,
         clip_texts: list[str] | None = None,
+        keep: str = "best",
+        min_score: float = 0.9,
     ):
         """`clip_judge` (a folder or a cached hub id at `clip_revision`; "" is off) with
-        `clip_texts`, one per class in the order of `class_indices`."""
+        `clip_texts`, one per class in the order of `class_indices`; `keep` and `min_score` as
+        in FilterConfig."""
         from safetensors.torch import load_file
 
         from tailseed.pipeline.self_judge import SelfJudge
@@ -249,6 +288,7 @@ class FilterStage:
         self.references = np.load(references)
         self.threshold = float(near_copy_threshold)
         self.pool_factor = int(pool_factor)
+        self.keep, self.min_score = keep, float(min_score)
         self.clip = None
         if clip_judge:
             from tailseed.pipeline.clip_judge import ClipJudge
@@ -270,6 +310,8 @@ class FilterStage:
             "folds": summary["folds"],
             "near_copy_threshold": summary["near_copy_threshold"],
             "pool_factor": config.filter.pool_factor,
+            "keep": config.filter.keep,
+            "min_score": config.filter.min_score,
         }
         clip = summary.get("clip_judge")
         if clip is not None:
@@ -291,8 +333,10 @@ class FilterStage:
         classes = np.asarray([self.position[int(c)] for c in batch["cls"]])
         score = self.judge.score(batch["image"], classes)
         clip = None if self.clip is None else self.clip.score(batch["image"], classes)
-        nearest = rms_distances(working_images(batch["image"]), self.references)
-        # 2. per class: drop near-copies, then keep the best-ranked up to the class's slots
+        working = working_images(batch["image"])
+        nearest = rms_distances(working, self.references)
+        # 2. per class: drop near-copies, then keep the first up to the class's slots, in the
+        # order of the keep rule
         meta = list(batch["meta"])
         for c in np.unique(batch["cls"]):
             rows = np.flatnonzero(batch["cls"] == c)
@@ -300,8 +344,11 @@ class FilterStage:
             for i in rows:
                 if ok[i] and nearest[i] < self.threshold:
                     ok[i], reason[i] = False, "near_copy"
-            eligible = [i for i in rows if ok[i]]
-            for rank, i in enumerate(ranked(eligible, score, clip, batch["key"])):
+            order = ranked([i for i in rows if ok[i]], score, clip, batch["key"])
+            if self.keep == "spread":
+                judged = score if clip is None else score * clip
+                order = spread(order, judged, nearest, working, self.min_score)
+            for rank, i in enumerate(order):
                 if rank >= slots:
                     ok[i], reason[i] = False, "not_kept"
                     continue
@@ -316,6 +363,9 @@ class FilterStage:
                 }
                 if clip is not None:
                     sample["filter"]["clip_score"] = round(float(clip[i]), 6)
+                if self.keep != "best":  # "rank" is then the order of the keep rule
+                    sample["filter"]["keep"] = self.keep
+                    sample["filter"]["min_score"] = self.min_score
                 meta[i] = json.dumps(sample, sort_keys=True, ensure_ascii=False)
         return {
             **batch,

@@ -11,6 +11,7 @@ from augment_helpers import shard_files, write_config
 from PIL import Image
 
 from tailseed.pipeline.datasets import list_dataset
+from tailseed.pipeline.errors import UserError
 from tailseed.pipeline.self_judge import (
     JudgeTraining,
     near_copy_threshold,
@@ -18,7 +19,7 @@ from tailseed.pipeline.self_judge import (
     train_self_judge,
     working_images,
 )
-from tailseed.stages.filter import FilterConfig, FilterStage, prepare
+from tailseed.stages.filter import FilterConfig, FilterStage, prepare, spread
 
 
 def _bars(n: int, column: int, seed: int) -> np.ndarray:
@@ -173,3 +174,67 @@ def test_augment_with_the_filter_end_to_end(tmp_path, tiny_model_dir, small_data
     other = write_config(tmp_path / "c2.yaml", tiny_model_dir, small_dataset, tmp_path / "b")
     run(load_config(other, overrides))
     assert shard_files(tmp_path / "b") == shard_files(tmp_path / "a")
+
+
+def test_spread_takes_passing_candidates_far_from_the_real_images_and_from_each_other():
+    # four candidates on a line at the working resolution (1x1 pixel): the real images sit at 0
+    images = np.asarray([0.1, 0.9, 0.85, 0.5, 1.0], np.float32)[:, None, None, None]
+    images = np.repeat(images, 3, axis=3)  # (5, 1, 1, 3)
+    nearest = images[:, 0, 0, 0].copy()  # distance to the real images at 0
+    score = np.asarray([0.99, 0.95, 0.97, 0.92, 0.2])  # the last fails min_score
+    rows = [0, 2, 1, 3, 4]  # ranked by score
+    order = spread(rows, score, nearest, images, min_score=0.9)
+    # the farthest passing one (0.9), then the one farthest from it and the reals (0.5), then 0.1
+    # (0.1 from the reals, 0.4 from 0.5; 0.85 is 0.05 from 0.9), then 0.85; the failing one last
+    assert order == [1, 3, 0, 2, 4]
+    # with nothing passing, the ranked order stands
+    assert spread(rows, score, nearest, images, min_score=1.0) == rows
+
+
+def test_the_keep_rule_is_checked_and_recorded_only_when_not_the_default():
+    with pytest.raises(UserError, match="keep"):
+        FilterConfig(keep="random").validate("filter")
+    with pytest.raises(UserError, match="min_score"):
+        FilterConfig(min_score=1.5).validate("filter")
+    from tailseed.pipeline.config import config_hash
+
+    assert config_hash(FilterConfig()) == config_hash(FilterConfig(min_score=0.9))
+    assert config_hash(FilterConfig()) != config_hash(FilterConfig(keep="spread"))
+
+
+def test_filter_stage_with_spread_keeps_a_far_passing_candidate_over_a_better_scored_near_one(
+    prepared, small_dataset
+):
+    folder, summary, _ = prepared
+    args = (
+        str(folder / summary["judge"]),
+        str(folder / summary["references"]),
+        summary["class_indices"],
+        summary["folds"],
+        summary["near_copy_threshold"],
+        2,
+    )
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    batch = {
+        "key": np.asarray([f"k{i}" for i in range(6)]),
+        "image": images,
+        "ok": np.ones(6, bool),
+        "cls": np.ones(6, np.int64),
+        "slots": np.full(6, 2),
+        "meta": np.asarray([json.dumps({"key": f"k{i}"}) for i in range(6)]),
+    }
+    best = FilterStage(*args)
+    loose = FilterStage(*args, keep="spread", min_score=0.0)  # every candidate passes
+    out = loose(dict(batch))
+    by_rank = {json.loads(out["meta"][i])["filter"]["rank"]: i for i in np.flatnonzero(out["ok"])}
+    working = working_images(images)
+    nearest = rms_distances(working, loose.references)
+    assert by_rank[0] == int(np.argmax(nearest))  # the farthest from every real image first
+    gap = np.minimum(nearest, rms_distances(working, working[by_rank[0] : by_rank[0] + 1]))
+    gap[by_rank[0]] = -1
+    assert by_rank[1] == int(np.argmax(gap))  # then the farthest from the reals and the first
+    meta = [json.loads(out["meta"][i])["filter"] for i in by_rank.values()]
+    assert {m["keep"] for m in meta} == {"spread"} and {m["min_score"] for m in meta} == {0.0}
+    plain = best(dict(batch))
+    assert all("keep" not in json.loads(m).get("filter", {}) for m in plain["meta"])
