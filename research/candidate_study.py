@@ -3,16 +3,17 @@
 `make eval` compares every variant and candidate; on a machine other than the one that filled
 research/eval_cache, each generated image differs in its last bits, so nothing generated is a
 cache hit and a full run of the seen regime takes hours on 2 cores. This study measures what one
-question needs: is `generic_far` (configs/seen.yaml with the tail classes prompted by the seen
-model's generic caption, "a photo of a digit", walk seeds perturbed by 1.2 rad, filter and tone
-on: research/evaluate.py's candidate) better than the shipped configs/seen.yaml (perturbation 0.3,
-the class's name in the prompt)? `python -m research.candidate_study`:
+question needs: is `generic_far` (the tail classes prompted by the seen model's generic caption,
+"a photo of a digit", walk seeds perturbed by 1.2 rad, filter and tone on: research/evaluate.py's
+candidate, and configs/seen.yaml since this study) better than `named_perturbed` (the class's name
+in the prompt, perturbation 0.3: configs/seen.yaml before it)? `python -m
+research.candidate_study`:
 
 1. Generation: draws 0..D-1 of each candidate through the product (`make_runs`).
 2. Fixed before any training: each recipe's steps (small 1200, wide 3200) and its mixing (ratio
    0.1, weight 0.5 for both recipes), the ones the evaluation chose on the development pool and
-   on validation for the shipped configuration (docs/eval.md, seen regime); both candidates use
-   them.
+   on validation for the configuration shipped then, named_perturbed (docs/eval.md, seen
+   regime); both candidates use them.
 3. Validation (seeds 100-102, draw 0): rare and head accuracy of real data with augmentation and
    of each candidate; and each candidate's validation reach (`judge_shards.validation_reach`: how
    close its images bring the validation digits of each rare class, against the sources alone).
@@ -43,6 +44,7 @@ import numpy as np
 from research.classifier import RECIPES
 from research.digits import CLASS_NAMES, DigitsSplit, to_digit_space
 from research.evaluate import (
+    NAMED_PROMPTS,
     VAL_SEED_OFFSET,
     Variant,
     _pm,
@@ -68,7 +70,9 @@ from tailseed.pipeline.models import describe_model
 
 STEPS = {"small": 1200, "wide": 3200}  # chosen on the development pool (docs/eval.md, seen)
 MIXING = {"small": (0.1, 0.5), "wide": (0.1, 0.5)}  # validation's choice for the shipped config
-CANDIDATES = ("config", "generic_far")
+# "named_perturbed" is configs/seen.yaml as it was up to 2026-12-07 (the study ran with it as the
+# file's "config": same config hash, ce961dcc111a2922, and the same runs)
+CANDIDATES = ("named_perturbed", "generic_far")
 TIE_POINTS = 100 / (40 * 3) / 2  # one rare validation prediction, in the mean over two recipes
 
 
@@ -101,8 +105,9 @@ def markdown(report: dict) -> str:
         "",
         f"Steps {report['steps']}, mixing {report['mixing']} (fixed before training); "
         f"{report['seeds']} seeds x {report['draws']} draws on the test split "
-        f"({report['test_rare_images']} rare images). Every training on this machine "
-        f"({report['cache']}).",
+        f"({report['test_rare_images']} rare images). Trainings cache: {report['cache']} (a "
+        "training whose exact inputs were trained before is read from it, made on whichever CPU "
+        "made it).",
         "",
         "## Images (draw 0) and validation",
         "",
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     materialize_embedded(Path(base.dataset.path), model)
     split = DigitsSplit(**card["split"])
     rare = sorted(split.tail_classes)
-    overrides = shipped_candidates(True, True, generic_prompts(card))
+    overrides = shipped_candidates(True, True, generic_prompts(card), NAMED_PROMPTS)
     wanted = {f"tailseed_{k}": overrides[k] for k in CANDIDATES}
     runs = make_runs(regime, base, wanted, range(args.draws), args.runs, {})
     data = load_regime_data(base, card, rare, base.select.quota - 10)

@@ -262,8 +262,16 @@ def generic_prompts(card: dict) -> tuple[str, ...]:
     return tuple(f"select.prompt_overrides.{n}={GENERIC_PROMPT}" for n in tails)
 
 
+# the tail classes prompted by their name again (the prompt template), as configs/seen.yaml was
+# before it prompted them with GENERIC_PROMPT: no per-class prompt overrides
+NAMED_PROMPTS = ("select.prompt_overrides={}",)
+
+
 def shipped_candidates(
-    filter_available: bool, tone_available: bool = False, generic: tuple[str, ...] = ()
+    filter_available: bool,
+    tone_available: bool = False,
+    generic: tuple[str, ...] = (),
+    named: tuple[str, ...] = (),
 ) -> dict[str, tuple[str, ...]]:
     """The tailseed configurations that validation chooses "as shipped" from: the config as it is;
     where the product has the filter stage, with the filter on, with the filter on and walk
@@ -273,7 +281,9 @@ def shipped_candidates(
     has the tone stage, the config with SHIPPED_TONE, the config with the stage off (UNTONED), and
     the far candidate with SHIPPED_TONE; with `generic` (prompt overrides, the seen regime's
     `generic_prompts`), the toned far candidate inverted and generated under those prompts
-    (`generic_far`). A candidate equal to another (same config hash) shares its run and its
+    (`generic_far`); with `named` (NAMED_PROMPTS), the seen configuration shipped before that
+    one, the class's name in the prompt, perturbation SHIPPED_PERTURB_ANGLE, filter and tone
+    (`named_perturbed`). A candidate equal to another (same config hash) shares its run and its
     trainings."""
     out = {"config": ()}
     if tone_available:
@@ -287,6 +297,13 @@ def shipped_candidates(
             )
         if filter_available and generic:  # the superclass prompt: the model's unnamed images
             out["generic_far"] = (*out["toned_far"], *generic)
+        if filter_available and named:  # the class's name in the prompt, a short step
+            out["named_perturbed"] = (
+                "filter.enabled=true",
+                f"walk.perturb_angle={SHIPPED_PERTURB_ANGLE}",
+                *SHIPPED_TONE,
+                *named,
+            )
     if filter_available:
         out["filter_on"] = ("filter.enabled=true",)
         out["filter_on_perturbed"] = (
@@ -1437,8 +1454,13 @@ def evaluate_regime(
     split = DigitsSplit(**card["split"])
     filt = has_filter()
     all_variants = variants(card, regime.key, filt)
-    generic = generic_prompts(card) if regime.key == "seen" else ()
-    candidates = shipped_candidates(filt, has_tone(), generic)
+    seen = regime.key == "seen"
+    candidates = shipped_candidates(
+        filt,
+        has_tone(),
+        generic_prompts(card) if seen else (),
+        NAMED_PROMPTS if seen else (),
+    )
     log(f"{regime.key}: model {base.model.path}, filter stage {'present' if filt else 'absent'}")
 
     # 1. generation, draw 0 of every generated variant and every shipped candidate
