@@ -51,22 +51,20 @@ from research.evaluate import (
     _task,
     accuracies,
     added_for,
+    embedded_regime,
     generic_prompts,
     image_quality,
-    load_config,
     load_regime_data,
     make_runs,
-    materialize_embedded,
     paired,
     read_run,
-    regimes,
     run_tasks,
     shipped_candidates,
+    users_test_tasks,
     write_report,
 )
 from research.judge import train_judge
 from research.judge_shards import validation_reach
-from tailseed.pipeline.models import describe_model
 
 STEPS = {"small": 1200, "wide": 3200}  # chosen on the development pool (docs/eval.md, seen)
 MIXING = {"small": (0.1, 0.5), "wide": (0.1, 0.5)}  # validation's choice for the shipped config
@@ -161,12 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
 
-    regime = regimes()["seen"]
-    base = load_config(regime.config, list(regime.overrides))
-    model = describe_model(base.model)
-    card = model["card"]
-    materialize_embedded(Path(base.dataset.path), model)
-    split = DigitsSplit(**card["split"])
+    regime, base, card, split = embedded_regime("seen")
     rare = sorted(split.tail_classes)
     overrides = shipped_candidates(True, True, generic_prompts(card), NAMED_PROMPTS)
     wanted = {f"tailseed_{k}": overrides[k] for k in CANDIDATES}
@@ -191,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     # 2. validation and test trainings
+    mixing = {name: {v.key: MIXING[name] for v in variants.values()} for name in recipes}
     tasks = []
     for name, recipe in recipes.items():
         for v in [real, *variants.values()]:
-            ratio, weight = MIXING[name] if v.kind == "generated" else (0.0, 1.0)
+            ratio, weight = mixing[name].get(v.key, (0.0, 1.0))
+            added = added_for(v, data, 0)
             for s in range(args.val_seeds):
                 seed = VAL_SEED_OFFSET + s
-                added = added_for(v, data, 0)
                 tasks.append(
                     _task(
                         ("val", name, v.key, seed),
@@ -212,23 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                         (recipe.steps,),
                     )
                 )
-            for d in range(args.draws) if v.kind == "generated" else [None]:
-                added = added_for(v, data, d or 0)
-                for s in range(args.seeds):
-                    tasks.append(
-                        _task(
-                            ("test", name, v.key, s, d),
-                            "users",
-                            recipe,
-                            s,
-                            data,
-                            added,
-                            ratio,
-                            weight,
-                            {"test": data.test_x},
-                            (recipe.steps,),
-                        )
-                    )
+    variants_all = [real, *variants.values()]
+    tasks += users_test_tasks(data, recipes, variants_all, mixing, args.seeds, args.draws)
     results = run_tasks(tasks, args.jobs, args.cache)
 
     def acc(key, split_name, y):

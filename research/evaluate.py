@@ -318,6 +318,16 @@ def shipped_candidates(
     return out
 
 
+def embedded_regime(key: str) -> tuple[Regime, AugmentConfig, dict, DigitsSplit]:
+    """A regime (`regimes()[key]`), its config, its model's card and the card's digit split, with
+    the regime's embedded user dataset written where it is missing (as the augment job does)."""
+    regime = regimes()[key]
+    base = load_config(regime.config, list(regime.overrides))
+    model = describe_model(base.model)
+    materialize_embedded(Path(base.dataset.path), model)
+    return regime, base, model["card"], DigitsSplit(**model["card"]["split"])
+
+
 # ------------------------------------------------------------------------------------------------
 # Reading data the way a user would: PNG class folders and the run's shards
 
@@ -1268,6 +1278,41 @@ def choice_phase(
     )
 
 
+def users_test_tasks(
+    data: RegimeData,
+    recipes: dict[str, TrainRecipe],
+    variants: list[Variant],
+    mixing: dict[str, dict[str, tuple[float, float]]],
+    seeds: int,
+    draws: int,
+) -> list[Task]:
+    """The test split's trainings as users train: every recipe, variant, training seed and (for a
+    generated variant) draw, keyed ("test", recipe, variant, seed, draw or None), each variant at
+    its `mixing` (recipe -> variant -> (ratio, weight); (0, 1), no added samples, when absent)."""
+    tasks = []
+    for name, recipe in recipes.items():
+        for v in variants:
+            ratio, weight = mixing.get(name, {}).get(v.key, (0.0, 1.0))
+            for d in range(draws) if v.kind == "generated" else [None]:
+                added = added_for(v, data, d or 0)
+                for s in range(seeds):
+                    tasks.append(
+                        _task(
+                            ("test", name, v.key, s, d),
+                            "users",
+                            recipe,
+                            s,
+                            data,
+                            added,
+                            ratio,
+                            weight,
+                            {"test": data.test_x},
+                            (recipe.steps,),
+                        )
+                    )
+    return tasks
+
+
 def evaluate_test_split(
     data: RegimeData,
     options: Options,
@@ -1285,27 +1330,7 @@ def evaluate_test_split(
     def draws_of(v):
         return list(range(options.draws)) if v.kind == "generated" else [None]
 
-    tasks = []
-    for name, recipe in recipes.items():
-        for v in protocol_variants:
-            ratio, weight = mixing.get(name, {}).get(v.key, (0.0, 1.0))
-            for d in draws_of(v):
-                added = added_for(v, data, d or 0)
-                for s in range(options.seeds):
-                    tasks.append(
-                        _task(
-                            ("test", name, v.key, s, d),
-                            "users",
-                            recipe,
-                            s,
-                            data,
-                            added,
-                            ratio,
-                            weight,
-                            test_eval,
-                            (recipe.steps,),
-                        )
-                    )
+    tasks = users_test_tasks(data, recipes, protocol_variants, mixing, options.seeds, options.draws)
     for v in all_variants:
         for s in range(options.first_seeds):
             tasks.append(

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from research.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays
+from research.digits import CLASS_NAMES, load_digits_arrays
 from research.evaluate import (
     Generated,
     Options,
@@ -41,15 +41,13 @@ from research.evaluate import (
     _pm,
     choice_phase,
     dev_pool,
+    embedded_regime,
     evaluate_test_split,
-    load_config,
     load_regime_data,
-    materialize_embedded,
-    regimes,
+    paired,
     rendered,
     write_report,
 )
-from tailseed.pipeline.models import describe_model
 
 # draw d takes its images with numpy's default_rng(RETRIEVAL_SEED + d)
 RETRIEVAL_SEED = 0
@@ -108,14 +106,17 @@ def markdown(report: dict) -> str:
 
 
 def paired_by_seed(variant: dict, reference: dict) -> dict:
-    """variant minus reference per (seed, draw) run, the reference matched by seed."""
-    diffs = []
-    for key, run in variant["runs"].items():
-        seed = key.split("_")[0]
-        ref = next(r for k, r in reference["runs"].items() if k.split("_")[0] == seed)
-        diffs.append(run["rare"] - ref["rare"])
-    arr = np.asarray(diffs)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)), "pairs": len(arr)}
+    """Rare accuracy, variant minus reference, over the variant's runs of a test table entry
+    (`evaluate_test_split`), each paired with the reference's run of the same training seed."""
+
+    def runs(entry: dict) -> dict:
+        out = {}
+        for name, accuracy in entry["runs"].items():
+            seed, draw = name.removeprefix("seed").split("_draw")
+            out[(int(seed), None if draw == "None" else int(draw))] = accuracy
+        return out
+
+    return paired(runs(variant), runs(reference), "rare")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,12 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
 
-    regime = regimes()["seen"]
-    base = load_config(regime.config, list(regime.overrides))
-    model = describe_model(base.model)
-    card = model["card"]
-    materialize_embedded(Path(base.dataset.path), model)
-    split = DigitsSplit(**card["split"])
+    regime, base, card, split = embedded_regime("seen")
     rare = sorted(split.tail_classes)
     data = load_regime_data(base, card, rare, args.per_class)
     images8, labels = load_digits_arrays()

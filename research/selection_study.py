@@ -44,7 +44,7 @@ from research.evaluate import write_report
 from research.judge import near_copy_threshold, nearest_distances, train_judge
 from research.judge_shards import roundtrip, validation_reach
 from tailseed.pipeline.self_judge import rms_distances, working_images
-from tailseed.stages.filter import ranked, spread
+from tailseed.stages.filter import FilterStage, ranked, spread
 
 RULES = ("best", "far", "spread")
 
@@ -63,19 +63,19 @@ def candidates(run: Path, class_index: int, out: Path) -> tuple[list[str], np.nd
     )
 
 
-def self_judge(run: Path):
-    """The run's own judge and references, as its filter stage loaded them."""
-    from safetensors.torch import load_file
-
-    from tailseed.pipeline.self_judge import SelfJudge
-
-    summary = json.loads((run / "filter" / "filter.json").read_text())
-    classes = summary["class_indices"]
-    judge = SelfJudge.from_state(
-        load_file(run / "filter" / summary["judge"]), len(classes), summary["folds"]
+def filter_of(run: Path) -> FilterStage:
+    """The run's filter stage (its judge, references and near-copy threshold), loaded from the
+    run's filter/ as `FilterStage.spec` loads it."""
+    folder = run / "filter"
+    summary = json.loads((folder / "filter.json").read_text())
+    return FilterStage(
+        str(folder / summary["judge"]),
+        str(folder / summary["references"]),
+        summary["class_indices"],
+        summary["folds"],
+        summary["near_copy_threshold"],
+        pool_factor=1,
     )
-    references = np.load(run / "filter" / summary["references"])
-    return judge, {int(c): i for i, c in enumerate(classes)}, references, summary
 
 
 def select(
@@ -106,15 +106,15 @@ def study_run(run: Path, regime: str, quota: int, min_score: float, work: Path) 
     cut = split_indices(labels, split)
     user, val = np.asarray(cut["user"]), np.asarray(cut["val"], dtype=np.int64)
     classes = {int(k): v for k, v in json.loads((run / "classes.json").read_text()).items()}
-    judge, position, references, summary = self_judge(run)
+    stage = filter_of(run)
     out = {"run": str(run), "regime": regime, "quota": quota, "min_score": min_score}
     for class_index in sorted(int(p.name[6:]) for p in (run / "walks").glob("class_*")):
         digit = CLASS_NAMES.index(classes[class_index])
         keys, images = candidates(run, class_index, work / run.name / f"class_{class_index:04d}")
-        score = judge.score(images, np.full(len(images), position[class_index]))
+        score = stage.judge.score(images, np.full(len(images), stage.position[class_index]))
         space, working = to_digit_space(images), working_images(images)
-        nearest = rms_distances(working, references)
-        ok = nearest >= summary["near_copy_threshold"]  # the filter drops near-copies first
+        nearest = rms_distances(working, stage.references)
+        ok = nearest >= stage.threshold  # the filter drops near-copies first
         sources_rt = roundtrip(images8, user[labels[user] == digit])
         sources8 = images8[user[labels[user] == digit]].reshape(-1, 64)
         threshold = near_copy_threshold(images8[labels == digit].reshape(-1, 64))

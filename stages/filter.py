@@ -252,8 +252,8 @@ def spread(
         j = int(np.argmax(gap))  # the first of equal gaps: the better-ranked
         order.append(passing[j])
         to_new = rms_distances(images[passing], images[passing[j] : passing[j] + 1])
-        gap = np.minimum(gap, to_new)
-        gap[[passing.index(i) for i in order]] = -np.inf
+        gap = np.minimum(gap, to_new)  # taken ones stay at -inf
+        gap[j] = -np.inf
     return order + rest
 
 
