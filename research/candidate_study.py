@@ -1,4 +1,4 @@
-"""Two tailseed configurations of the seen regime, head to head, every training on this machine.
+"""tailseed configurations of the seen regime, head to head, every training on this machine.
 
 `make eval` compares every variant and candidate; on a machine other than the one that filled
 research/eval_cache, each generated image differs in its last bits, so nothing generated is a
@@ -7,7 +7,9 @@ question needs: is `generic_far` (the tail classes prompted by the seen model's 
 "a photo of a digit", walk seeds perturbed by 1.2 rad, filter and tone on: research/evaluate.py's
 candidate, and configs/seen.yaml since this study) better than `named_perturbed` (the class's name
 in the prompt, perturbation 0.3: configs/seen.yaml before it)? `python -m
-research.candidate_study`:
+research.candidate_study` (`--candidates` names others of research/evaluate.py's
+`shipped_candidates`, for example `named_uncertain`, the latter with `filter.keep: uncertain`; the
+rule below picks among all of them, and the test table pairs each with the first):
 
 1. Generation: draws 0..D-1 of each candidate through the product (`make_runs`).
 2. Fixed before any training: each recipe's steps (small 1200, wide 3200) and its mixing (ratio
@@ -17,10 +19,10 @@ research.candidate_study`:
 3. Validation (seeds 100-102, draw 0): rare and head accuracy of real data with augmentation and
    of each candidate; and each candidate's validation reach (`judge_shards.validation_reach`: how
    close its images bring the validation digits of each rare class, against the sources alone).
-4. The decision, stated before the test split is read: the candidate with the better mean rare
-   accuracy over the recipes on validation ships in configs/seen.yaml; where the two are within
-   one rare validation prediction of each other (100 / (40 x 3) / 2 recipes = 0.42 points), the
-   one whose images bring the validation digits closer (mean over the rare classes) ships. The
+4. The decision, stated before the test split is read: the candidate with the best mean rare
+   accuracy over the recipes on validation ships in configs/seen.yaml; among those within one
+   rare validation prediction of the best (100 / (40 x 3) / 2 recipes = 0.42 points), the one
+   whose images bring the validation digits closest (mean over the rare classes) ships. The
    candidate must also meet the issue's image targets (independent judge: >= 95% in class, <= 2%
    near-copies).
 5. The test split, once: real data with augmentation and each candidate, seeds 0-4 x draws,
@@ -70,7 +72,7 @@ STEPS = {"small": 1200, "wide": 3200}  # chosen on the development pool (docs/ev
 MIXING = {"small": (0.1, 0.5), "wide": (0.1, 0.5)}  # validation's choice for the shipped config
 # "named_perturbed" is configs/seen.yaml as it was up to 2026-12-07 (the study ran with it as the
 # file's "config": same config hash, ce961dcc111a2922, and the same runs)
-CANDIDATES = ("named_perturbed", "generic_far")
+CANDIDATES = ("named_perturbed", "generic_far")  # the default of --candidates
 TIE_POINTS = 100 / (40 * 3) / 2  # one rare validation prediction, in the mean over two recipes
 
 
@@ -132,14 +134,15 @@ def markdown(report: dict) -> str:
         "",
         "| recipe | real+aug rare (abs.) | "
         + " | ".join(f"{k}: rare / head minus real+aug" for k in report["candidates"])
-        + f" | {report['candidates'][1]} minus {report['candidates'][0]}: rare |",
-        "|---|---:|" + "---:|" * (len(report["candidates"]) + 1),
+        + "".join(f" | {k} minus {report['candidates'][0]}: rare" for k in report["candidates"][1:])
+        + " |",
+        "|---|---:|" + "---:|" * (2 * len(report["candidates"]) - 1),
     ]
     for name, entry in report["test"].items():
         cells = [f"{entry['real']['rare']['mean']:.1f}"]
         for k in report["candidates"]:
             cells.append(f"{_pm(entry[k]['vs_real']['rare'])} / {_pm(entry[k]['vs_real']['head'])}")
-        cells.append(_pm(entry["between"]))
+        cells += [_pm(entry["between"][k]) for k in report["candidates"][1:]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Wall time: {report['seconds']:.0f} s.", ""]
     return "\n".join(lines)
@@ -148,6 +151,13 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m research.candidate_study", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--candidates",
+        nargs="+",
+        default=list(CANDIDATES),
+        help="evaluate.shipped_candidates keys of the seen regime; the test table pairs each with "
+        "the first",
     )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--draws", type=int, default=3)
@@ -162,12 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     regime, base, card, split = embedded_regime("seen")
     rare = sorted(split.tail_classes)
     overrides = shipped_candidates(True, True, generic_prompts(card), NAMED_PROMPTS)
-    wanted = {f"tailseed_{k}": overrides[k] for k in CANDIDATES}
+    candidates = tuple(args.candidates)
+    unknown = [k for k in candidates if k not in overrides]
+    if unknown or len(candidates) < 2:
+        parser.error(f"--candidates: two or more of {', '.join(overrides)}; not {unknown}")
+    wanted = {f"tailseed_{k}": overrides[k] for k in candidates}
     runs = make_runs(regime, base, wanted, range(args.draws), args.runs, {})
     data = load_regime_data(base, card, rare, base.select.quota - 10)
     for key, run in runs.items():
         data.generated[key] = read_run(Path(run["output_dir"]))
-    variants = {k: Variant(f"tailseed_{k}", k, "generated") for k in CANDIDATES}
+    variants = {k: Variant(f"tailseed_{k}", k, "generated") for k in candidates}
     real = Variant("real", "real + augmentation", "none")
     recipes = {n: replace(r, steps=STEPS[n]) for n, r in RECIPES.items()}
 
@@ -224,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         key = "real" if v is real else v.label
         validation[key] = {m: float(np.mean([p[m] for p in per])) for m in ("rare", "head")}
     decision = decide(
-        {k: validation[k]["rare"] for k in CANDIDATES},
-        {k: reached[k]["mean_to_sources_or_added"] for k in CANDIDATES},
+        {k: validation[k]["rare"] for k in candidates},
+        {k: reached[k]["mean_to_sources_or_added"] for k in candidates},
         eligible,
     )
     test = {}
@@ -251,13 +265,15 @@ def main(argv: list[str] | None = None) -> int:
                     for m in ("rare", "head", "balanced", "rare_precision")
                 }
             }
-        first, second = (variants[k].key for k in CANDIDATES)
-        entry["between"] = paired(runs_acc[second], runs_acc[first], "rare")
+        first = variants[candidates[0]].key
+        entry["between"] = {
+            k: paired(runs_acc[variants[k].key], runs_acc[first], "rare") for k in candidates[1:]
+        }
         test[name] = entry
     report = {
         "regime": regime.key,
-        "candidates": list(CANDIDATES),
-        "overrides": {k: list(overrides[k]) for k in CANDIDATES},
+        "candidates": list(candidates),
+        "overrides": {k: list(overrides[k]) for k in candidates},
         "steps": STEPS,
         "mixing": MIXING,
         "seeds": args.seeds,

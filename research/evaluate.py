@@ -252,6 +252,10 @@ SHIPPED_TONE = ("tone.gray=auto", "tone.match_histogram=true")
 # evaluation chose the toned form in both regimes, configs/default.yaml ships it, and this is the
 # candidate that keeps measuring the stage against its absence
 UNTONED = ("tone.gray=never", "tone.match_histogram=false")
+# keep the candidates the self-judge is least sure of, above an even chance: on the seen model's
+# 0.3 walks, the candidates it scores 0.5-0.9 are 92-100% in class by the evaluation's own judge,
+# those under 0.5 29-62% (docs/results.md#uncertain-keep)
+UNCERTAIN_KEEP = ("filter.keep=uncertain", "filter.min_score=0.5")
 
 
 def generic_prompts(card: dict) -> tuple[str, ...]:
@@ -283,7 +287,8 @@ def shipped_candidates(
     `generic_prompts`), the toned far candidate inverted and generated under those prompts
     (`generic_far`); with `named` (NAMED_PROMPTS), the seen configuration shipped before that
     one, the class's name in the prompt, perturbation SHIPPED_PERTURB_ANGLE, filter and tone
-    (`named_perturbed`). A candidate equal to another (same config hash) shares its run and its
+    (`named_perturbed`), and that configuration keeping the candidates its self-judge is least
+    sure of (UNCERTAIN_KEEP: `named_uncertain`). A candidate equal to another (same config hash) shares its run and its
     trainings."""
     out = {"config": ()}
     if tone_available:
@@ -304,6 +309,8 @@ def shipped_candidates(
                 *SHIPPED_TONE,
                 *named,
             )
+            # the same walks, keeping the candidates the self-judge is least sure of (>= 0.5)
+            out["named_uncertain"] = (*out["named_perturbed"], *UNCERTAIN_KEEP)
     if filter_available:
         out["filter_on"] = ("filter.enabled=true",)
         out["filter_on_perturbed"] = (

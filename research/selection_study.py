@@ -12,7 +12,10 @@ run's own self-judge (`filter/`), and keeps `quota` per rare class under each ru
   nearest real image (filled from the best-scored when too few pass);
 - `spread`: the filter's `filter.keep: spread` with `filter.min_score` = `--min-score`: among the
   same, a greedy farthest-point selection (each next image the one farthest from the real images
-  and the images already kept), so the kept set covers the pool's range.
+  and the images already kept), so the kept set covers the pool's range;
+- `uncertain`: the filter's `filter.keep: uncertain` with `filter.min_score` = `--min-score`: among
+  the same, the lowest judge scores first (what a classifier of the user's images is least sure
+  of, yet still calls the class).
 
 Each kept set is measured by the evaluation's independent judge (the SVC of research/judge.py,
 trained outside the regime's held-out images): the share in class, near-copies of a source, the
@@ -44,9 +47,9 @@ from research.evaluate import write_report
 from research.judge import near_copy_threshold, nearest_distances, train_judge
 from research.judge_shards import roundtrip, validation_reach
 from tailseed.pipeline.self_judge import rms_distances, working_images
-from tailseed.stages.filter import FilterStage, ranked, spread
+from tailseed.stages.filter import FilterStage, ranked, spread, uncertain
 
-RULES = ("best", "far", "spread")
+RULES = ("best", "far", "spread", "uncertain")
 
 
 def candidates(run: Path, class_index: int, out: Path) -> tuple[list[str], np.ndarray]:
@@ -94,6 +97,8 @@ def select(
         return rows[:quota]
     if rule == "spread":
         return spread(rows, score, nearest, working, min_score)[:quota]
+    if rule == "uncertain":
+        return uncertain(rows, score, min_score)[:quota]
     passing = [i for i in rows if score[i] >= min_score]
     far = sorted(passing, key=lambda i: -nearest[i])
     return (far + [i for i in rows if score[i] < min_score])[:quota]

@@ -39,7 +39,7 @@ from tailseed.pipeline.runner import Resources, Stage
 from tailseed.pipeline.shards import atomic_write, dumps
 
 REASONS = ("near_copy", "not_kept")  # why a generated candidate is not written
-KEEP_RULES = ("best", "spread")  # FilterConfig.keep
+KEEP_RULES = ("best", "spread", "uncertain")  # FilterConfig.keep
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,14 @@ class FilterConfig:
     #   farthest-point set: each next one the farthest from every real image and from the ones
     #   kept so far (filled from the best-scored when too few pass). The kept images cover the
     #   pool's range of the class instead of its centre.
+    # "uncertain": among the candidates whose judge score is at least `min_score`, the lowest
+    #   scores first (filled from the best-scored when too few pass). The judge is a classifier
+    #   trained on the user's own images, so what it is sure of, a classifier trained on them
+    #   already gets right; the kept images are the class as the user's data barely covers it.
+    #   `min_score` is then the floor that keeps the class (0.5: the class is the judge's likeliest
+    #   or nearly so).
     keep: str = field(default="best", metadata=hashed_unless("best"))
-    min_score: float = field(default=0.9, metadata=hashed_unless(0.9))  # for keep: spread
+    min_score: float = field(default=0.9, metadata=hashed_unless(0.9))  # spread, uncertain
     resources: Resources = field(
         default_factory=lambda: Resources(num_cpus=0.25), metadata=NOT_HASHED
     )
@@ -257,6 +263,15 @@ def spread(
     return order + rest
 
 
+def uncertain(rows: list[int], score: np.ndarray, min_score: float) -> list[int]:
+    """`rows` (ranked best first) in the order "uncertain" keeps them: first the candidates whose
+    `score` is at least `min_score`, lowest score first; then the rest in their ranked order.
+    Equal scores keep their ranked order (by key)."""
+    passing = [i for i in rows if score[i] >= min_score]
+    rest = [i for i in rows if score[i] < min_score]
+    return sorted(passing, key=lambda i: float(score[i])) + rest
+
+
 class FilterStage:
     """Scores a shard's candidates and keeps the best per class (schema in the module docstring)."""
 
@@ -345,9 +360,11 @@ class FilterStage:
                 if ok[i] and nearest[i] < self.threshold:
                     ok[i], reason[i] = False, "near_copy"
             order = ranked([i for i in rows if ok[i]], score, clip, batch["key"])
+            judged = score if clip is None else score * clip
             if self.keep == "spread":
-                judged = score if clip is None else score * clip
                 order = spread(order, judged, nearest, working, self.min_score)
+            elif self.keep == "uncertain":
+                order = uncertain(order, judged, self.min_score)
             for rank, i in enumerate(order):
                 if rank >= slots:
                     ok[i], reason[i] = False, "not_kept"

@@ -1,5 +1,7 @@
 """The candidate study's decision rule: validation accuracy first, validation reach on a tie."""
 
+from pathlib import Path
+
 from research.candidate_study import TIE_POINTS, decide
 
 
@@ -15,3 +17,27 @@ def test_better_validation_accuracy_wins_and_a_tie_goes_to_the_closer_reach():
         decide({"named_perturbed": 98.0, "generic_far": 99.0}, reach, ["named_perturbed"])
         == "named_perturbed"
     )
+
+
+def test_three_candidates_tie_within_one_prediction_of_the_best_and_go_to_the_closest_reach():
+    val = {"generic_far": 97.9, "named_perturbed": 97.9 - TIE_POINTS / 2, "named_uncertain": 96.0}
+    reach = {"generic_far": 14.7, "named_perturbed": 14.2, "named_uncertain": 13.0}
+    # named_uncertain reaches closest but is more than one prediction below the best
+    assert decide(val, reach, list(val)) == "named_perturbed"
+
+
+def test_the_uncertain_candidate_is_the_named_walks_keeping_the_least_sure_above_an_even_chance():
+    from research.evaluate import (
+        NAMED_PROMPTS,
+        UNCERTAIN_KEEP,
+        generic_prompts,
+        shipped_candidates,
+    )
+    from tailseed.stages.augment_pipeline import load_config
+
+    card = {"split": {"tail_classes": [4, 7]}}
+    found = shipped_candidates(True, True, generic_prompts(card), NAMED_PROMPTS)
+    assert found["named_uncertain"] == (*found["named_perturbed"], *UNCERTAIN_KEEP)
+    config = load_config(Path("configs/seen.yaml"), list(found["named_uncertain"]))
+    assert (config.filter.keep, config.filter.min_score) == ("uncertain", 0.5)
+    assert config.walk.perturb_angle == 0.3 and config.filter.enabled

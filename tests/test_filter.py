@@ -19,7 +19,7 @@ from tailseed.pipeline.self_judge import (
     train_self_judge,
     working_images,
 )
-from tailseed.stages.filter import FilterConfig, FilterStage, prepare, spread
+from tailseed.stages.filter import FilterConfig, FilterStage, prepare, spread, uncertain
 
 
 def _bars(n: int, column: int, seed: int) -> np.ndarray:
@@ -191,6 +191,16 @@ def test_spread_takes_passing_candidates_far_from_the_real_images_and_from_each_
     assert spread(rows, score, nearest, images, min_score=1.0) == rows
 
 
+def test_uncertain_takes_the_lowest_passing_scores_first_then_the_rest_best_first():
+    score = np.asarray([0.99, 0.6, 0.97, 0.92, 0.2, 0.4, 0.6])
+    rows = [0, 2, 3, 1, 6, 5, 4]  # ranked: best first, equal scores by key
+    # passing (>= 0.5) from the lowest up, equal scores in their ranked order; then the failing
+    # ones best first
+    assert uncertain(rows, score, min_score=0.5) == [1, 6, 3, 2, 0, 5, 4]
+    assert uncertain(rows, score, min_score=1.0) == rows  # nothing passes: the ranked order
+    assert uncertain(rows, score, min_score=0.0) == [4, 5, 1, 6, 3, 2, 0]
+
+
 def test_the_keep_rule_is_checked_and_recorded_only_when_not_the_default():
     with pytest.raises(UserError, match="keep"):
         FilterConfig(keep="random").validate("filter")
@@ -200,6 +210,7 @@ def test_the_keep_rule_is_checked_and_recorded_only_when_not_the_default():
 
     assert config_hash(FilterConfig()) == config_hash(FilterConfig(min_score=0.9))
     assert config_hash(FilterConfig()) != config_hash(FilterConfig(keep="spread"))
+    assert config_hash(FilterConfig(keep="uncertain")) != config_hash(FilterConfig(keep="spread"))
 
 
 def test_filter_stage_with_spread_keeps_a_far_passing_candidate_over_a_better_scored_near_one(
@@ -238,3 +249,43 @@ def test_filter_stage_with_spread_keeps_a_far_passing_candidate_over_a_better_sc
     assert {m["keep"] for m in meta} == {"spread"} and {m["min_score"] for m in meta} == {0.0}
     plain = best(dict(batch))
     assert all("keep" not in json.loads(m).get("filter", {}) for m in plain["meta"])
+
+
+def test_filter_stage_with_uncertain_keeps_the_lowest_scored_candidates_above_the_floor(
+    prepared, small_dataset
+):
+    folder, summary, _ = prepared
+    args = (
+        str(folder / summary["judge"]),
+        str(folder / summary["references"]),
+        summary["class_indices"],
+        summary["folds"],
+        summary["near_copy_threshold"],
+        3,
+    )
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
+    batch = {
+        "key": np.asarray([f"k{i}" for i in range(9)]),
+        "image": images,
+        "ok": np.ones(9, bool),
+        "cls": np.ones(9, np.int64),
+        "slots": np.full(9, 3),
+        "meta": np.asarray([json.dumps({"key": f"k{i}"}) for i in range(9)]),
+    }
+    best = FilterStage(*args)
+    scores = best.judge.score(images, np.full(9, best.position[1]))
+    floor = float(np.median(scores))  # about half the candidates pass
+    stage = FilterStage(*args, keep="uncertain", min_score=floor)
+    out = stage(dict(batch))
+    kept = np.flatnonzero(out["ok"])
+    passing = np.flatnonzero(scores >= floor)
+    # the three lowest of the passing scores, ranked from the lowest up
+    want = sorted(passing, key=lambda i: scores[i])[:3]
+    by_rank = {json.loads(out["meta"][i])["filter"]["rank"]: int(i) for i in kept}
+    assert [by_rank[r] for r in range(3)] == [int(i) for i in want]
+    meta = [json.loads(out["meta"][i])["filter"] for i in kept]
+    assert {m["keep"] for m in meta} == {"uncertain"} and {m["min_score"] for m in meta} == {floor}
+    # best keeps the three highest instead
+    top = np.flatnonzero(best(dict(batch))["ok"])
+    assert set(top) == set(np.argsort(-scores)[:3])
