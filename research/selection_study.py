@@ -20,7 +20,11 @@ run's own self-judge (`filter/`), and keeps `quota` per rare class under each ru
 Each kept set is measured by the evaluation's independent judge (the SVC of research/judge.py,
 trained outside the regime's held-out images): the share in class, near-copies of a source, the
 median distance to the nearest source, and how close it brings the regime's validation images of
-the class (`judge_shards.validation_reach`). The test split is not read.
+the class (`judge_shards.validation_reach`); and by the run's self-judge, a classifier of the
+user's own images: its mean loss on the kept set (`judge_loss`: how much a classifier trained on
+the user's images has left to learn from them), beside its loss on the real images of the class
+in the development pool (the model's training images that no evaluation split holds), the
+images that do raise rare accuracy (research/retrieval_study.py). The test split is not read.
 
 Writes out/selection_study/report.json and report.md.
 """
@@ -43,7 +47,7 @@ from research.digits import (
     split_indices,
     to_digit_space,
 )
-from research.evaluate import write_report
+from research.evaluate import dev_pool, rendered, write_report
 from research.judge import near_copy_threshold, nearest_distances, train_judge
 from research.judge_shards import roundtrip, validation_reach
 from tailseed.pipeline.self_judge import rms_distances, working_images
@@ -104,6 +108,13 @@ def select(
     return (far + [i for i in rows if score[i] < min_score])[:quota]
 
 
+def judge_loss(score: np.ndarray) -> float:
+    """The mean cross-entropy, -log p(intended class), that the self-judge (a classifier of the
+    user's own images, cross-fitted) assigns: how much a classifier trained on the user's images
+    still has to learn from these images. Near 0: it already gets them right, surely."""
+    return round(float(-np.log(np.clip(score, 1e-6, 1.0)).mean()), 3)
+
+
 def study_run(run: Path, regime: str, quota: int, min_score: float, work: Path) -> dict:
     split = REGIME_SPLITS[regime]
     svc = train_judge(split)
@@ -112,6 +123,7 @@ def study_run(run: Path, regime: str, quota: int, min_score: float, work: Path) 
     user, val = np.asarray(cut["user"]), np.asarray(cut["val"], dtype=np.int64)
     classes = {int(k): v for k, v in json.loads((run / "classes.json").read_text()).items()}
     stage = filter_of(run)
+    dev = dev_pool(labels, split, split.tail_classes)
     out = {"run": str(run), "regime": regime, "quota": quota, "min_score": min_score}
     for class_index in sorted(int(p.name[6:]) for p in (run / "walks").glob("class_*")):
         digit = CLASS_NAMES.index(classes[class_index])
@@ -149,7 +161,16 @@ def study_run(run: Path, regime: str, quota: int, min_score: float, work: Path) 
                 "near_copies": round(float((distance < threshold).mean()), 3),
                 "median_distance_to_sources": round(float(np.median(distance)), 1),
                 "min_self_judge_score": round(float(score[chosen].min()), 3),
+                "self_judge_loss": judge_loss(score[chosen]),
                 **validation_reach(held, sources_rt, space[chosen]),
+            }
+        if dev is not None:  # real images of the class that no split and no run holds
+            real = rendered(images8, [i for i in dev if labels[i] == digit])
+            real_score = stage.judge.score(real, np.full(len(real), stage.position[class_index]))
+            entry["real_development_pool"] = {
+                "images": len(real),
+                "self_judge_loss": judge_loss(real_score),
+                "self_judge_score_at_least_min": round(float((real_score >= min_score).mean()), 3),
             }
         out[classes[class_index]] = entry
     return out
@@ -159,8 +180,8 @@ def markdown(reports: list[dict]) -> str:
     lines = [
         "# Which candidates to keep: selection rules on a run's whole pool",
         "",
-        "| run | class | rule | judged in class | near-copies | median distance to sources | validation: to sources -> with added | nearest is added |",
-        "|---|---|---|---:|---:|---:|---|---:|",
+        "| run | class | rule | judged in class | near-copies | median distance to sources | validation: to sources -> with added | nearest is added | self-judge loss |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in reports:
         for name, entry in r.items():
@@ -172,7 +193,13 @@ def markdown(reports: list[dict]) -> str:
                     f"| {r['run']} | {name} | {rule} | {e['judged_in_class']:.1%} | "
                     f"{e['near_copies']:.1%} | {e['median_distance_to_sources']} | "
                     f"{e.get('validation_to_sources')} -> {e.get('validation_to_sources_or_added')} | "
-                    f"{e.get('validation_nearest_is_added')} |"
+                    f"{e.get('validation_nearest_is_added')} | {e['self_judge_loss']} |"
+                )
+            real = entry.get("real_development_pool")
+            if real:
+                lines.append(
+                    f"| {r['run']} | {name} | {real['images']} real development-pool images | "
+                    f"| | | | | {real['self_judge_loss']} |"
                 )
     return "\n".join(lines) + "\n"
 
