@@ -288,7 +288,8 @@ def shipped_candidates(
     (`generic_far`); with `named` (NAMED_PROMPTS), the seen configuration shipped before that
     one, the class's name in the prompt, perturbation SHIPPED_PERTURB_ANGLE, filter and tone
     (`named_perturbed`), and that configuration keeping the candidates its self-judge is least
-    sure of (UNCERTAIN_KEEP: `named_uncertain`). A candidate equal to another (same config hash) shares its run and its
+    sure of (UNCERTAIN_KEEP: `named_uncertain`); where the product has the filter stage, the
+    config with the filter on keeping the least-sure candidates (`uncertain`). A candidate equal to another (same config hash) shares its run and its
     trainings."""
     out = {"config": ()}
     if tone_available:
@@ -312,6 +313,8 @@ def shipped_candidates(
             # the same walks, keeping the candidates the self-judge is least sure of (>= 0.5)
             out["named_uncertain"] = (*out["named_perturbed"], *UNCERTAIN_KEEP)
     if filter_available:
+        # the config as it is, keeping the candidates its self-judge is least sure of (>= 0.5)
+        out["uncertain"] = ("filter.enabled=true", *UNCERTAIN_KEEP)
         out["filter_on"] = ("filter.enabled=true",)
         out["filter_on_perturbed"] = (
             "filter.enabled=true",

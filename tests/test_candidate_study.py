@@ -41,3 +41,26 @@ def test_the_uncertain_candidate_is_the_named_walks_keeping_the_least_sure_above
     config = load_config(Path("configs/seen.yaml"), list(found["named_uncertain"]))
     assert (config.filter.keep, config.filter.min_score) == ("uncertain", 0.5)
     assert config.walk.perturb_angle == 0.3 and config.filter.enabled
+
+
+def test_the_tie_is_one_rare_validation_prediction_of_the_regime():
+    from research.candidate_study import tie_points
+
+    assert tie_points(40, 3, 2) == TIE_POINTS
+    val = {"config": 96.0, "uncertain": 96.0 - tie_points(80, 3, 2) * 1.5}
+    reach = {"config": 15.0, "uncertain": 14.0}
+    # half a seen tie apart: tied under the seen regime's tie, not under never-seen's
+    assert decide(val, reach, list(val)) == "uncertain"
+    assert decide(val, reach, list(val), tie_points(80, 3, 2)) == "config"
+
+
+def test_the_never_seen_uncertain_candidate_is_the_default_config_keeping_the_least_sure():
+    from research.evaluate import UNCERTAIN_KEEP, shipped_candidates
+    from tailseed.stages.augment_pipeline import load_config
+
+    found = shipped_candidates(True, True)
+    assert found["uncertain"] == ("filter.enabled=true", *UNCERTAIN_KEEP)
+    config = load_config(Path("configs/default.yaml"), list(found["uncertain"]))
+    plain = load_config(Path("configs/default.yaml"))
+    assert (config.filter.keep, config.filter.min_score) == ("uncertain", 0.5)
+    assert (config.walk, config.tone, config.generate) == (plain.walk, plain.tone, plain.generate)
