@@ -110,7 +110,7 @@ def decide(
     recipes; `reached` candidate -> mean distance to the nearest source-or-added image."""
     keys = [k for k in val if k in eligible] or list(val)
     best = max(val[k] for k in keys)
-    tied = [k for k in keys if val[k] >= best - tie]
+    tied = [k for k in keys if val[k] >= best - tie - 1e-9]  # exactly one prediction: tied
     return min(tied, key=lambda k: (reached[k], keys.index(k)))
 
 
@@ -181,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the embedded regime (STEPS and MIXING are both regimes' choices for the shipped "
         "configuration: docs/eval.md)",
     )
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=sorted(STEPS),
+        default=sorted(STEPS),
+        help="classifier recipes to train (the decision averages over them)",
+    )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--val-seeds", type=int, default=3)
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         data.generated[key] = read_run(Path(run["output_dir"]))
     variants = {k: Variant(f"tailseed_{k}", k, "generated") for k in candidates}
     real = Variant("real", "real + augmentation", "none")
-    recipes = {n: replace(r, steps=STEPS[n]) for n, r in RECIPES.items()}
+    recipes = {n: replace(RECIPES[n], steps=STEPS[n]) for n in args.recipes}
 
     # 1. images: the independent judge, near-copies, validation reach (draw 0)
     judge = train_judge(split)
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "regime": regime.key,
         "candidates": list(candidates),
         "overrides": {k: list(overrides[k]) for k in candidates},
-        "steps": STEPS,
+        "steps": {n: STEPS[n] for n in recipes},
         "mixing": MIXING,
         "seeds": args.seeds,
         "draws": args.draws,

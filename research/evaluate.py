@@ -253,8 +253,8 @@ SHIPPED_TONE = ("tone.gray=auto", "tone.match_histogram=true")
 # candidate that keeps measuring the stage against its absence
 UNTONED = ("tone.gray=never", "tone.match_histogram=false")
 # keep the candidates the self-judge is least sure of, above an even chance: on the seen model's
-# 0.3 walks, the candidates it scores 0.5-0.9 are 92-100% in class by the evaluation's own judge,
-# those under 0.5 29-62% (docs/results.md#uncertain-keep)
+# 0.3 walks, the candidates it scores 0.5-0.9 are all in class by the evaluation's own judge,
+# those under 0.5 29% and 40% (research/selection_study.py, docs/results.md#uncertain-keep)
 UNCERTAIN_KEEP = ("filter.keep=uncertain", "filter.min_score=0.5")
 
 

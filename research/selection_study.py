@@ -26,7 +26,8 @@ the user's images has left to learn from them), beside its loss on the real imag
 in the development pool (the model's training images that no evaluation split holds), the
 images that do raise rare accuracy (research/retrieval_study.py). The test split is not read.
 
-Writes out/selection_study/report.json and report.md.
+Writes out/selection_study/report.json, report.md and keep_rules.png (per run and rare class: the
+sources, then the first 20 images each rule keeps).
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ from research.digits import (
 from research.evaluate import dev_pool, rendered, write_report
 from research.judge import near_copy_threshold, nearest_distances, train_judge
 from research.judge_shards import roundtrip, validation_reach
+from tailseed.pipeline.contact import grid, labelled
 from tailseed.pipeline.self_judge import rms_distances, working_images
 from tailseed.stages.filter import FilterStage, ranked, spread, uncertain
 
 RULES = ("best", "far", "spread", "uncertain")
+SCORE_BANDS = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.99), (0.99, 1.01))  # self-judge scores
 
 
 def candidates(run: Path, class_index: int, out: Path) -> tuple[list[str], np.ndarray]:
@@ -115,7 +118,11 @@ def judge_loss(score: np.ndarray) -> float:
     return round(float(-np.log(np.clip(score, 1e-6, 1.0)).mean()), 3)
 
 
-def study_run(run: Path, regime: str, quota: int, min_score: float, work: Path) -> dict:
+def study_run(
+    run: Path, regime: str, quota: int, min_score: float, work: Path
+) -> tuple[dict, list[tuple[str, Image.Image]]]:
+    """The run's report entry, and its contact-sheet sections: per rare class, its sources, then
+    the first 20 images each rule keeps (in the rule's order) with their mean self-judge score."""
     split = REGIME_SPLITS[regime]
     svc = train_judge(split)
     images8, labels = load_digits_arrays()
@@ -125,6 +132,7 @@ def study_run(run: Path, regime: str, quota: int, min_score: float, work: Path) 
     stage = filter_of(run)
     dev = dev_pool(labels, split, split.tail_classes)
     out = {"run": str(run), "regime": regime, "quota": quota, "min_score": min_score}
+    sections = []
     for class_index in sorted(int(p.name[6:]) for p in (run / "walks").glob("class_*")):
         digit = CLASS_NAMES.index(classes[class_index])
         keys, images = candidates(run, class_index, work / run.name / f"class_{class_index:04d}")
@@ -142,7 +150,23 @@ def study_run(run: Path, regime: str, quota: int, min_score: float, work: Path) 
             "candidates": len(images),
             "near_copies_dropped": int((~ok).sum()),
             "pool_judged_in_class": round(float((predicted[pool] == digit).mean()), 3),
+            # is a candidate the self-judge doubts still of the class? the independent judge's
+            # share in class among the pool's candidates, by self-judge score
+            "pool_in_class_by_self_judge_score": {
+                f"[{lo}, {hi})": {
+                    "candidates": int(len(band)),
+                    "judged_in_class": round(float((predicted[band] == digit).mean()), 3)
+                    if len(band)
+                    else None,
+                }
+                for lo, hi in SCORE_BANDS
+                for band in [pool[(score[pool] >= lo) & (score[pool] < hi)]]
+            },
         }
+        sources = rendered(images8, user[labels[user] == digit].tolist())
+        sections.append(
+            (f"{run.name}, {classes[class_index]}: the sources", grid(list(sources), 20, 2))
+        )
         for rule in RULES:
             order = select(
                 rule,
@@ -164,6 +188,12 @@ def study_run(run: Path, regime: str, quota: int, min_score: float, work: Path) 
                 "self_judge_loss": judge_loss(score[chosen]),
                 **validation_reach(held, sources_rt, space[chosen]),
             }
+            sections.append(
+                (
+                    f"  keep {rule}: self-judge score {score[chosen].mean():.3f} on average",
+                    grid([images[i] for i in chosen[:20]], 20, 2),
+                )
+            )
         if dev is not None:  # real images of the class that no split and no run holds
             real = rendered(images8, [i for i in dev if labels[i] == digit])
             real_score = stage.judge.score(real, np.full(len(real), stage.position[class_index]))
@@ -173,7 +203,7 @@ def study_run(run: Path, regime: str, quota: int, min_score: float, work: Path) 
                 "self_judge_score_at_least_min": round(float((real_score >= min_score).mean()), 3),
             }
         out[classes[class_index]] = entry
-    return out
+    return out, sections
 
 
 def markdown(reports: list[dict]) -> str:
@@ -214,11 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-score", type=float, default=0.9)
     parser.add_argument("--out", type=Path, default=Path("out/selection_study"))
     args = parser.parse_args(argv)
-    reports = [
+    studied = [
         study_run(run, args.regime, args.quota, args.min_score, args.out / "candidates")
         for run in args.runs
     ]
+    reports = [r for r, _ in studied]
     write_report(args.out, {"runs": reports}, markdown(reports))
+    labelled([s for _, sections in studied for s in sections]).save(args.out / "keep_rules.png")
     return 0
 
 
