@@ -12,7 +12,13 @@ per seed on:
   - `sources`: the user's 10 real images (the real data the shards are added to);
   - `real 40`: 40 real images from the development pool (the seen model's own training images
     in no evaluation split; the retrieval study's draw 0);
-  - each RUN's 40 images per rare class (its shards, draw as made), with no real rare image.
+  - each RUN's 40 images per rare class (its shards, draw as made), with no real rare image;
+  - with `--oracle RUN`: 40 of the run's walk candidates per rare class (its whole pool,
+    regenerated as research/selection_study.py does, before any filter) drawn at random among
+    those an *oracle* judge calls the class: the evaluation's SVC trained on the images the seen
+    model and the user had (its model_train and user splits; no validation or test image). It
+    asks what the model's images teach when the judge that keeps them knows the class as the
+    model does, rather than from the user's 10 images.
 
 It reports, on the validation split (20 images per rare class; the test split is not read),
 rare and head accuracy and each rare class's recall, mean ± std over the seeds.
@@ -22,6 +28,7 @@ Writes out/transfer_probe/report.json and report.md.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from research.classifier import SMALL, predict, train_as_users_train
-from research.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays
+from research.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays, split_indices
 from research.evaluate import (
     accuracies,
     dev_pool,
@@ -60,6 +67,36 @@ def rare_sets(
     return sets
 
 
+def oracle_set(
+    run: Path, split: DigitsSplit, rare: list[int], work: Path, per_class: int = 40, seed: int = 0
+) -> dict[int, np.ndarray]:
+    """Per rare digit, `per_class` of the run's walk candidates that the oracle judge calls that
+    digit, drawn with numpy's default_rng(seed) (see the module docstring)."""
+    from sklearn.svm import SVC
+
+    from research.judge import Judge
+    from research.selection_study import candidates
+
+    images8, labels = load_digits_arrays()
+    cut = split_indices(labels, split)
+    known = np.asarray(sorted(cut["model_train"] + cut["user"]))
+    svc = SVC(gamma=0.001, C=10.0).fit(images8[known].reshape(len(known), -1), labels[known])
+    oracle = Judge(svc, len(known))
+    classes = {int(k): v for k, v in json.loads((run / "classes.json").read_text()).items()}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for class_index, name in sorted(classes.items()):
+        digit = CLASS_NAMES.index(name)
+        if digit not in rare:
+            continue
+        _, images = candidates(run, class_index, work / run.name / f"class_{class_index:04d}")
+        of_class = np.flatnonzero(oracle.predict(images) == digit)
+        if len(of_class) < per_class:
+            raise ValueError(f"{run}: {len(of_class)} candidates of {name}, fewer than {per_class}")
+        out[digit] = images[np.sort(rng.choice(of_class, per_class, replace=False))]
+    return out
+
+
 def training_set(
     user_x: np.ndarray, user_y: np.ndarray, rare: list[int], per_rare: dict[int, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -82,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m research.transfer_probe", description=__doc__.splitlines()[0]
     )
     parser.add_argument("runs", nargs="*", type=Path, help="seen-regime augment output folders")
+    parser.add_argument(
+        "--oracle", nargs="*", type=Path, default=[], help="runs whose pools the oracle keeps from"
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("out/transfer_probe"))
     args = parser.parse_args(argv)
@@ -89,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     rare = sorted(split.tail_classes)
     data = load_regime_data(base, card, rare, base.select.quota - 10)
     report = {"regime": "seen", "steps": STEPS, "seeds": args.seeds, "sets": {}}
-    for name, per_rare in rare_sets(data, split, rare, args.runs).items():
+    sets = rare_sets(data, split, rare, args.runs)
+    for run in args.oracle:
+        sets[f"{run.name}, oracle-kept pool"] = oracle_set(
+            run, split, rare, args.out / "candidates"
+        )
+    for name, per_rare in sets.items():
         runs = [train_on(data, rare, per_rare, SEED_OFFSET + s) for s in range(args.seeds)]
         keys = ["rare", "head", *[CLASS_NAMES[d] for d in rare]]  # and each rare class's recall
         report["sets"][name] = {
