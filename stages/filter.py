@@ -9,9 +9,11 @@ Generation over-generates `pool_factor` candidates per image to keep. Two scores
 With `clip_judge` set, a third: a CLIP model's zero-shot probability of the intended class among
 the dataset's classes, each described by its generation prompt (`pipeline.clip_judge`).
 Per shard and class, the candidates that are not near-copies are ranked by the judge's score
-(times the CLIP probability when the CLIP judge is on: a candidate must convince both) and the
-best are kept, up to the class's slots in the shard. Every kept sample's JSON gains a "filter"
-entry with its scores and the threshold, so a user can re-threshold without regenerating.
+(times the CLIP probability when the CLIP judge is on: a candidate must convince both) and kept
+in the order of the keep rule (`keep`: the best by default; "spread" and "uncertain" among those
+scoring at least `min_score`), up to the class's slots in the shard. Every kept sample's JSON
+gains a "filter" entry with its scores and the threshold, so a user can re-threshold without
+regenerating.
 
 Unit in:  the generate stage's output: shard, key, image (N, H, W, 3) uint8, ok (N,) bool,
           cls (N,) int64, meta (N,) str, slots (N,) int64 (per row: how many samples its class
