@@ -25,14 +25,20 @@ class Judge:
         return self.model.predict(to_digit_space(images))
 
 
-def train_judge(split: DigitsSplit | None = None) -> Judge:
-    """An RBF SVC on every digit outside the held-out images (gamma as in scikit-learn's digits
-    example): the test split, and the spare tail images when `split.spare_is_test`."""
+def judge_on(indices: np.ndarray) -> Judge:
+    """An RBF SVC (gamma as in scikit-learn's digits example) on the digits at `indices`."""
     images8, labels = load_digits_arrays()
-    held_out = held_out_indices(labels, split or DigitsSplit())
-    train = np.asarray([i for i in range(len(labels)) if i not in held_out])
+    train = np.asarray(indices)
     model = SVC(gamma=0.001, C=10.0).fit(images8[train].reshape(len(train), -1), labels[train])
     return Judge(model, len(train))
+
+
+def train_judge(split: DigitsSplit | None = None) -> Judge:
+    """The SVC of `judge_on` on every digit outside the held-out images: the test split, and the
+    spare tail images when `split.spare_is_test`."""
+    _, labels = load_digits_arrays()
+    held_out = held_out_indices(labels, split or DigitsSplit())
+    return judge_on(np.asarray([i for i in range(len(labels)) if i not in held_out]))
 
 
 def nearest_distances(candidates: np.ndarray, references: np.ndarray) -> np.ndarray:

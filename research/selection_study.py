@@ -140,8 +140,9 @@ def study_run(
         space, working = to_digit_space(images), working_images(images)
         nearest = rms_distances(working, stage.references)
         ok = nearest >= stage.threshold  # the filter drops near-copies first
-        sources_rt = roundtrip(images8, user[labels[user] == digit])
-        sources8 = images8[user[labels[user] == digit]].reshape(-1, 64)
+        of_class = user[labels[user] == digit]
+        sources_rt = roundtrip(images8, of_class)
+        sources8 = images8[of_class].reshape(-1, 64)
         threshold = near_copy_threshold(images8[labels == digit].reshape(-1, 64))
         held = roundtrip(images8, val[labels[val] == digit])
         predicted = svc.predict(images)
@@ -163,7 +164,7 @@ def study_run(
                 for band in [pool[(score[pool] >= lo) & (score[pool] < hi)]]
             },
         }
-        sources = rendered(images8, user[labels[user] == digit].tolist())
+        sources = rendered(images8, of_class.tolist())
         sections.append(
             (f"{run.name}, {classes[class_index]}: the sources", grid(list(sources), 20, 2))
         )

@@ -72,16 +72,12 @@ def oracle_set(
 ) -> dict[int, np.ndarray]:
     """Per rare digit, `per_class` of the run's walk candidates that the oracle judge calls that
     digit, drawn with numpy's default_rng(seed) (see the module docstring)."""
-    from sklearn.svm import SVC
-
-    from research.judge import Judge
+    from research.judge import judge_on
     from research.selection_study import candidates
 
-    images8, labels = load_digits_arrays()
+    _, labels = load_digits_arrays()
     cut = split_indices(labels, split)
-    known = np.asarray(sorted(cut["model_train"] + cut["user"]))
-    svc = SVC(gamma=0.001, C=10.0).fit(images8[known].reshape(len(known), -1), labels[known])
-    oracle = Judge(svc, len(known))
+    oracle = judge_on(np.asarray(sorted(cut["model_train"] + cut["user"])))
     classes = {int(k): v for k, v in json.loads((run / "classes.json").read_text()).items()}
     rng = np.random.default_rng(seed)
     out = {}

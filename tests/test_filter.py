@@ -213,9 +213,9 @@ def test_the_keep_rule_is_checked_and_recorded_only_when_not_the_default():
     assert config_hash(FilterConfig(keep="uncertain")) != config_hash(FilterConfig(keep="spread"))
 
 
-def test_filter_stage_with_spread_keeps_a_far_passing_candidate_over_a_better_scored_near_one(
-    prepared, small_dataset
-):
+def one_class_batch(prepared, n: int, slots: int, pool_factor: int, seed: int):
+    """The prepared filter's FilterStage arguments (with `pool_factor`), and a batch of `n` random
+    candidates of class 1 with `slots` to keep: (args, images, batch)."""
     folder, summary, _ = prepared
     args = (
         str(folder / summary["judge"]),
@@ -223,18 +223,24 @@ def test_filter_stage_with_spread_keeps_a_far_passing_candidate_over_a_better_sc
         summary["class_indices"],
         summary["folds"],
         summary["near_copy_threshold"],
-        2,
+        pool_factor,
     )
-    rng = np.random.default_rng(5)
-    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    images = np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
     batch = {
-        "key": np.asarray([f"k{i}" for i in range(6)]),
+        "key": np.asarray([f"k{i}" for i in range(n)]),
         "image": images,
-        "ok": np.ones(6, bool),
-        "cls": np.ones(6, np.int64),
-        "slots": np.full(6, 2),
-        "meta": np.asarray([json.dumps({"key": f"k{i}"}) for i in range(6)]),
+        "ok": np.ones(n, bool),
+        "cls": np.ones(n, np.int64),
+        "slots": np.full(n, slots),
+        "meta": np.asarray([json.dumps({"key": f"k{i}"}) for i in range(n)]),
     }
+    return args, images, batch
+
+
+def test_filter_stage_with_spread_keeps_a_far_passing_candidate_over_a_better_scored_near_one(
+    prepared, small_dataset
+):
+    args, images, batch = one_class_batch(prepared, n=6, slots=2, pool_factor=2, seed=5)
     best = FilterStage(*args)
     loose = FilterStage(*args, keep="spread", min_score=0.0)  # every candidate passes
     out = loose(dict(batch))
@@ -254,25 +260,7 @@ def test_filter_stage_with_spread_keeps_a_far_passing_candidate_over_a_better_sc
 def test_filter_stage_with_uncertain_keeps_the_lowest_scored_candidates_above_the_floor(
     prepared, small_dataset
 ):
-    folder, summary, _ = prepared
-    args = (
-        str(folder / summary["judge"]),
-        str(folder / summary["references"]),
-        summary["class_indices"],
-        summary["folds"],
-        summary["near_copy_threshold"],
-        3,
-    )
-    rng = np.random.default_rng(7)
-    images = rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
-    batch = {
-        "key": np.asarray([f"k{i}" for i in range(9)]),
-        "image": images,
-        "ok": np.ones(9, bool),
-        "cls": np.ones(9, np.int64),
-        "slots": np.full(9, 3),
-        "meta": np.asarray([json.dumps({"key": f"k{i}"}) for i in range(9)]),
-    }
+    args, images, batch = one_class_batch(prepared, n=9, slots=3, pool_factor=3, seed=7)
     best = FilterStage(*args)
     scores = best.judge.score(images, np.full(9, best.position[1]))
     floor = float(np.median(scores))  # about half the candidates pass
