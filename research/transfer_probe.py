@@ -19,9 +19,16 @@ per seed on:
     model and the user had (its model_train and user splits; no validation or test image). It
     asks what the model's images teach when the judge that keeps them knows the class as the
     model does, rather than from the user's 10 images.
+  - with `--fidelity`, the same 40 real images after the model has had them: `real 40, VAE round
+    trip` (encoded and decoded by the model's VAE) and `real 40, inverted and regenerated` (each
+    inverted into a seed as the regime's config inverts a source, with its prompt and solver, and
+    regenerated from that seed as its walks are). Between `real 40` and the run sets, they say
+    where what the images teach is lost: in the VAE, in the diffusion model's rendering of a seed,
+    or in which seeds the walks reach.
 
 It reports, on the validation split (20 images per rare class; the test split is not read),
-rare and head accuracy and each rare class's recall, mean ± std over the seeds.
+rare and head accuracy, each rare class's recall and the mean cross-entropy on the rare images
+(`rare loss`, which resolves differences below one image), mean ± std over the seeds.
 Writes out/transfer_probe/report.json and report.md.
 """
 
@@ -35,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from research.classifier import SMALL, predict, train_as_users_train
+from research.classifier import SMALL, predict, to_tensor, train_as_users_train
 from research.digits import CLASS_NAMES, DigitsSplit, load_digits_arrays, split_indices
 from research.evaluate import (
     accuracies,
@@ -93,6 +100,48 @@ def oracle_set(
     return out
 
 
+def fidelity_sets(
+    base, real: dict[int, np.ndarray], batch: int = 20
+) -> dict[str, dict[int, np.ndarray]]:
+    """`real` (digit -> images) through the regime's model: the VAE's round trip, and inversion
+    followed by regeneration (the config's prompt, solver and generation settings)."""
+    import torch
+
+    from tailseed.pipeline.inversion import (
+        Inverter,
+        Sampler,
+        decode,
+        encode,
+        images_to_tensor,
+        tensor_to_images,
+    )
+    from tailseed.pipeline.models import load_pipeline
+    from tailseed.pipeline.seed_table import noise_seed
+    from tailseed.stages.select import prompt_for
+
+    pipe, _ = load_pipeline(base.model, with_hash=False)
+    solver = base.invert.solver
+    inverter, sampler = Inverter(pipe, solver), Sampler(pipe)
+    guidance = base.generate.guidance_scale or solver.guidance_scale
+    steps = base.generate.num_inference_steps or solver.num_inference_steps
+    vae, regen = {}, {}
+    for digit, images in real.items():
+        prompt = prompt_for(CLASS_NAMES[digit], base.select)
+        vae_parts, regen_parts = [], []
+        for start in range(0, len(images), batch):
+            part = images[start : start + batch]
+            with torch.inference_mode():
+                z = encode(pipe.vae, images_to_tensor(part, pipe.unet.device))
+                vae_parts.append(tensor_to_images(decode(pipe.vae, z)))
+            seeds = [noise_seed(f"real40-{digit}-{start + i}", 0) for i in range(len(part))]
+            out = inverter.invert(part, [prompt] * len(part), seeds)
+            if out["failed"].any():
+                raise RuntimeError(f"{int(out['failed'].sum())} real images did not invert")
+            regen_parts.append(sampler.generate(out["seed"], [prompt] * len(part), guidance, steps))
+        vae[digit], regen[digit] = np.concatenate(vae_parts), np.concatenate(regen_parts)
+    return {"real 40, VAE round trip": vae, "real 40, inverted and regenerated": regen}
+
+
 def training_set(
     user_x: np.ndarray, user_y: np.ndarray, rare: list[int], per_rare: dict[int, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -103,11 +152,28 @@ def training_set(
     return x, y
 
 
+def true_class_loss(model, images: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy (nats) of `model` on `images` of `labels`: a measure that moves when the
+    classifier grows more or less sure of the right class, below the resolution of accuracy on a
+    few images (one of the 40 rare validation images is 2.5 points)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(to_tensor(images))
+        return float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)))
+
+
 def train_on(data, rare: list[int], per_rare: dict[int, np.ndarray], seed: int) -> dict:
-    """Validation accuracies of the small CNN trained on the user's head images and `per_rare`."""
+    """Validation accuracies of the small CNN trained on the user's head images and `per_rare`,
+    and its loss on the rare validation images (`rare_loss`)."""
     x, y = training_set(data.user_x, data.user_y, rare, per_rare)
     model, _ = train_as_users_train(x, y, None, None, replace(SMALL, steps=STEPS), seed)
-    return accuracies(predict(model, data.val_x), data.val_y, rare)
+    is_rare = np.isin(data.val_y, rare)
+    return {
+        **accuracies(predict(model, data.val_x), data.val_y, rare),
+        "rare_loss": true_class_loss(model, data.val_x[is_rare], data.val_y[is_rare]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--oracle", nargs="*", type=Path, default=[], help="runs whose pools the oracle keeps from"
     )
+    parser.add_argument(
+        "--fidelity", action="store_true", help="add the real 40 after the VAE and inversion"
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("out/transfer_probe"))
     args = parser.parse_args(argv)
@@ -126,13 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     data = load_regime_data(base, card, rare, base.select.quota - 10)
     report = {"regime": "seen", "steps": STEPS, "seeds": args.seeds, "sets": {}}
     sets = rare_sets(data, split, rare, args.runs)
+    if args.fidelity:
+        sets.update(fidelity_sets(base, sets["real 40"]))
     for run in args.oracle:
         sets[f"{run.name}, oracle-kept pool"] = oracle_set(
             run, split, rare, args.out / "candidates"
         )
     for name, per_rare in sets.items():
         runs = [train_on(data, rare, per_rare, SEED_OFFSET + s) for s in range(args.seeds)]
-        keys = ["rare", "head", *[CLASS_NAMES[d] for d in rare]]  # and each rare class's recall
+        # and each rare class's recall, and the loss on the rare validation images
+        keys = ["rare", "head", *[CLASS_NAMES[d] for d in rare], "rare_loss"]
         report["sets"][name] = {
             "images_per_rare_class": {CLASS_NAMES[d]: len(v) for d, v in per_rare.items()},
             **{
@@ -143,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in keys
             },
         }
-        print(name, {k: round(report["sets"][name][k]["mean"], 1) for k in keys}, flush=True)
+        print(name, {k: round(report["sets"][name][k]["mean"], 3) for k in keys}, flush=True)
     lines = [
         "# Rare classes from the added images alone (seen, validation)",
         "",
@@ -153,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| rare images | per class | rare | head | "
         + " | ".join(f"{CLASS_NAMES[d]} recall" for d in rare)
-        + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(rare),
+        + " | rare loss |",
+        "|---|---:|---:|---:|" + "---:|" * (len(rare) + 1),
     ]
     for name, entry in report["sets"].items():
         count = "/".join(str(v) for v in entry["images_per_rare_class"].values())
@@ -165,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{entry[CLASS_NAMES[d]]['mean']:.1f} ± {entry[CLASS_NAMES[d]]['std']:.1f}"
                 for d in rare
             )
-            + " |"
+            + f" | {entry['rare_loss']['mean']:.3f} ± {entry['rare_loss']['std']:.3f} |"
         )
     write_report(args.out, report, "\n".join(lines) + "\n")
     return 0
