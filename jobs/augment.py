@@ -826,8 +826,32 @@ def _run_locked(config, plan: Plan, out: Path, address, timings: dict, started: 
         f"{len(plan.plans)} rare classes ({', '.join(p.class_name for p in plan.plans)}) -> {out}/shards",
         console.SUMMARY,
     )
+    for line in shortfalls(plan, counts):
+        log(line, logging.WARNING)
     log(f"look first: {', '.join(str(out / s) for s in report['contact_sheets'])}")
     return report
+
+
+def shortfalls(plan: Plan, counts: dict) -> list[str]:
+    """A warning per rare class that got fewer images than it was to generate, with why and what
+    to do: the filter's floor drops candidates its judge takes for another class."""
+    dropped = counts["dropped_by_filter"]
+    lines = []
+    for p in plan.plans:
+        got = counts["augmented_classes"][p.class_name]["generated"]
+        if got >= p.to_generate:
+            continue
+        why = ""
+        if dropped.get("below_floor"):
+            why = (
+                f"; the filter dropped {dropped['below_floor']} candidates in this run that its "
+                f"judge scores below filter.floor={plan.config.filter.floor} for their class "
+                "(they look like another class). Raise filter.pool_factor, shorten "
+                "walk.perturb_angle or name the class in its prompt (select.prompt_overrides); "
+                "filter.floor=0 writes them anyway, under this class's label"
+            )
+        lines.append(f"class {p.class_name!r}: {got} of {p.to_generate} images written{why}")
+    return lines
 
 
 def main_args(args) -> int:

@@ -11,7 +11,10 @@ the dataset's classes, each described by its generation prompt (`pipeline.clip_j
 Per shard and class, the candidates that are not near-copies are ranked by the judge's score
 (times the CLIP probability when the CLIP judge is on: a candidate must convince both) and kept
 in the order of the keep rule (`keep`: the best by default; "spread" and "uncertain" among those
-scoring at least `min_score`), up to the class's slots in the shard. Every kept sample's JSON
+scoring at least `min_score`), up to the class's slots in the shard. With `floor` set, a
+candidate whose self-judge probability of its class is below it is never written (the judge
+takes it for another class); a class whose pool holds too few candidates above the floor then
+gets fewer images than its quota, and the run counts them ("below_floor") and says so. Every kept sample's JSON
 gains a "filter" entry with its scores and the threshold, so a user can re-threshold without
 regenerating.
 
@@ -40,7 +43,7 @@ from tailseed.pipeline.images import SkipSample, decode_image
 from tailseed.pipeline.runner import Resources, Stage
 from tailseed.pipeline.shards import atomic_write, dumps
 
-REASONS = ("near_copy", "not_kept")  # why a generated candidate is not written
+REASONS = ("near_copy", "below_floor", "not_kept")  # why a generated candidate is not written
 KEEP_RULES = ("best", "spread", "uncertain")  # FilterConfig.keep
 
 
@@ -75,6 +78,14 @@ class FilterConfig:
     #   or nearly so).
     keep: str = field(default="best", metadata=hashed_unless("best"))
     min_score: float = field(default=0.9, metadata=hashed_unless(0.9))  # spread, uncertain
+    # Never write a candidate whose self-judge probability of its class is below this, whatever
+    # the keep rule (0.5: the judge finds another class at least as likely). Without a floor (0,
+    # the default), a pool with too few candidates of the class (a generic prompt, a long
+    # perturbation) fills the quota with whatever it holds, other classes under this class's
+    # label. With one, such a class gets fewer images than its quota, counted and said. Off by
+    # default: the judge is a small CNN of the user's few images, and on data it classifies
+    # poorly a floor drops good images too (check `judge_out_of_fold_accuracy` in run.json).
+    floor: float = field(default=0.0, metadata=hashed_unless(0.0))
     resources: Resources = field(
         default_factory=lambda: Resources(num_cpus=0.25), metadata=NOT_HASHED
     )
@@ -88,6 +99,8 @@ class FilterConfig:
             raise UserError(f"{where}.keep: {self.keep!r}; use one of {', '.join(KEEP_RULES)}")
         if not 0 <= self.min_score <= 1:
             raise UserError(f"{where}.min_score: {self.min_score} is not in [0, 1]")
+        if not 0 <= self.floor <= 1:
+            raise UserError(f"{where}.floor: {self.floor} is not in [0, 1]")
 
     @property
     def pool(self) -> int:
@@ -292,10 +305,11 @@ class FilterStage:
         clip_texts: list[str] | None = None,
         keep: str = "best",
         min_score: float = 0.9,
+        floor: float = 0.0,
     ):
         """`clip_judge` (a folder or a cached hub id at `clip_revision`; "" is off) with
-        `clip_texts`, one per class in the order of `class_indices`; `keep` and `min_score` as
-        in FilterConfig."""
+        `clip_texts`, one per class in the order of `class_indices`; `keep`, `min_score` and
+        `floor` as in FilterConfig."""
         from safetensors.torch import load_file
 
         from tailseed.pipeline.self_judge import SelfJudge
@@ -305,7 +319,7 @@ class FilterStage:
         self.references = np.load(references)
         self.threshold = float(near_copy_threshold)
         self.pool_factor = int(pool_factor)
-        self.keep, self.min_score = keep, float(min_score)
+        self.keep, self.min_score, self.floor = keep, float(min_score), float(floor)
         self.clip = None
         if clip_judge:
             from tailseed.pipeline.clip_judge import ClipJudge
@@ -329,6 +343,7 @@ class FilterStage:
             "pool_factor": config.filter.pool_factor,
             "keep": config.filter.keep,
             "min_score": config.filter.min_score,
+            "floor": config.filter.floor,
         }
         clip = summary.get("clip_judge")
         if clip is not None:
@@ -352,8 +367,8 @@ class FilterStage:
         clip = None if self.clip is None else self.clip.score(batch["image"], classes)
         working = working_images(batch["image"])
         nearest = rms_distances(working, self.references)
-        # 2. per class: drop near-copies, then keep the first up to the class's slots, in the
-        # order of the keep rule
+        # 2. per class: drop near-copies and candidates below the floor, then keep the first up
+        # to the class's slots, in the order of the keep rule
         meta = list(batch["meta"])
         for c in np.unique(batch["cls"]):
             rows = np.flatnonzero(batch["cls"] == c)
@@ -361,6 +376,8 @@ class FilterStage:
             for i in rows:
                 if ok[i] and nearest[i] < self.threshold:
                     ok[i], reason[i] = False, "near_copy"
+                elif ok[i] and score[i] < self.floor:
+                    ok[i], reason[i] = False, "below_floor"
             order = ranked([i for i in rows if ok[i]], score, clip, batch["key"])
             judged = score if clip is None else score * clip
             if self.keep == "spread":
@@ -382,6 +399,8 @@ class FilterStage:
                 }
                 if clip is not None:
                     sample["filter"]["clip_score"] = round(float(clip[i]), 6)
+                if self.floor > 0:
+                    sample["filter"]["floor"] = self.floor
                 if self.keep != "best":  # "rank" is then the order of the keep rule
                     sample["filter"]["keep"] = self.keep
                     sample["filter"]["min_score"] = self.min_score

@@ -112,6 +112,7 @@ def test_filter_stage_drops_near_copies_and_keeps_the_best_per_class(prepared, s
         summary["folds"],
         summary["near_copy_threshold"],
         2,
+        floor=0.0,  # random candidates: no floor, the near-copy test and the ranking alone
     )
     real = np.asarray(Image.open(small_dataset / "rare one" / "000.png").convert("RGB"))
     rng = np.random.default_rng(3)
@@ -174,6 +175,34 @@ def test_augment_with_the_filter_end_to_end(tmp_path, tiny_model_dir, small_data
     other = write_config(tmp_path / "c2.yaml", tiny_model_dir, small_dataset, tmp_path / "b")
     run(load_config(other, overrides))
     assert shard_files(tmp_path / "b") == shard_files(tmp_path / "a")
+
+
+def test_augment_with_a_floor_writes_no_candidate_below_it_and_says_which_class_fell_short(
+    tmp_path, tiny_model_dir, small_dataset, capsys
+):
+    """The tiny random model draws noise, which the judge cannot take for any class: at a floor of
+    0.999 the classes get fewer images than their quota, every one written reaches the floor, and
+    the run counts the rest and names the short classes."""
+    from tailseed.jobs.augment import run
+    from tailseed.stages.augment_pipeline import load_config
+
+    overrides = ["filter.enabled=true", "filter.pool_factor=2", "filter.judge_steps=30"]
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, small_dataset, tmp_path / "a")
+    report = run(load_config(config, [*overrides, "filter.floor=0.999"]))
+    counts = report["counts"]
+    assert counts["samples"] + sum(counts["dropped_by_filter"].values()) == 2 * 12
+    assert counts["dropped_by_filter"]["below_floor"] > 0
+    short = [c for c, v in counts["augmented_classes"].items() if v["generated"] < 6]
+    assert short  # 12 planned images: 6 for each of the two rare classes
+    for tar_path in sorted((tmp_path / "a" / "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    sample = json.loads(tar.extractfile(member).read())
+                    assert sample["filter"]["judge_score"] >= 0.999
+    said = capsys.readouterr().out
+    for name in short:
+        assert f"class {name!r}: " in said and "below filter.floor=0.999" in said
 
 
 def test_spread_takes_passing_candidates_far_from_the_real_images_and_from_each_other():
@@ -241,8 +270,8 @@ def test_filter_stage_with_spread_keeps_a_far_passing_candidate_over_a_better_sc
     prepared, small_dataset
 ):
     args, images, batch = one_class_batch(prepared, n=6, slots=2, pool_factor=2, seed=5)
-    best = FilterStage(*args)
-    loose = FilterStage(*args, keep="spread", min_score=0.0)  # every candidate passes
+    best = FilterStage(*args, floor=0.0)  # random candidates: the keep rules alone, no floor
+    loose = FilterStage(*args, keep="spread", min_score=0.0, floor=0.0)  # every candidate passes
     out = loose(dict(batch))
     by_rank = {json.loads(out["meta"][i])["filter"]["rank"]: i for i in np.flatnonzero(out["ok"])}
     working = working_images(images)
@@ -261,19 +290,51 @@ def test_filter_stage_with_uncertain_keeps_the_lowest_scored_candidates_above_th
     prepared, small_dataset
 ):
     args, images, batch = one_class_batch(prepared, n=9, slots=3, pool_factor=3, seed=7)
-    best = FilterStage(*args)
+    best = FilterStage(*args, floor=0.0)  # random candidates: the keep rules alone, no floor
     scores = best.judge.score(images, np.full(9, best.position[1]))
-    floor = float(np.median(scores))  # about half the candidates pass
-    stage = FilterStage(*args, keep="uncertain", min_score=floor)
+    threshold = float(np.median(scores))  # about half the candidates pass
+    stage = FilterStage(*args, keep="uncertain", min_score=threshold, floor=0.0)
     out = stage(dict(batch))
     kept = np.flatnonzero(out["ok"])
-    passing = np.flatnonzero(scores >= floor)
+    passing = np.flatnonzero(scores >= threshold)
     # the three lowest of the passing scores, ranked from the lowest up
     want = sorted(passing, key=lambda i: scores[i])[:3]
     by_rank = {json.loads(out["meta"][i])["filter"]["rank"]: int(i) for i in kept}
     assert [by_rank[r] for r in range(3)] == [int(i) for i in want]
     meta = [json.loads(out["meta"][i])["filter"] for i in kept]
-    assert {m["keep"] for m in meta} == {"uncertain"} and {m["min_score"] for m in meta} == {floor}
+    assert {m["keep"] for m in meta} == {"uncertain"} and {m["min_score"] for m in meta} == {
+        threshold
+    }
     # best keeps the three highest instead
     top = np.flatnonzero(best(dict(batch))["ok"])
     assert set(top) == set(np.argsort(-scores)[:3])
+
+
+@pytest.mark.parametrize("keep", ["best", "uncertain"])
+def test_filter_stage_never_writes_a_candidate_below_the_floor_even_with_slots_left(
+    prepared, small_dataset, keep
+):
+    args, images, batch = one_class_batch(prepared, n=9, slots=4, pool_factor=3, seed=11)
+    scores = FilterStage(*args, floor=0.0).judge.score(images, np.full(9, 1))
+    floor = float(np.sort(scores)[-2])  # exactly two candidates reach it
+    out = FilterStage(*args, keep=keep, min_score=0.0, floor=floor)(dict(batch))
+    kept = np.flatnonzero(out["ok"])
+    assert set(kept) == set(np.argsort(-scores)[:2])  # 2 of 4 slots: no other class fills them
+    assert sorted(out["skip_reason"][~out["ok"]]) == ["below_floor"] * 7
+    assert {json.loads(out["meta"][i])["filter"]["floor"] for i in kept} == {floor}
+    plain = FilterStage(*args, keep=keep, min_score=0.0, floor=0.0)(dict(batch))
+    assert all(
+        "floor" not in json.loads(plain["meta"][i])["filter"] for i in np.flatnonzero(plain["ok"])
+    )
+    # without a floor the four slots are filled from the same pool
+    filled = FilterStage(*args, keep=keep, min_score=0.0, floor=0.0)(dict(batch))
+    assert filled["ok"].sum() == 4
+
+
+def test_filter_floor_is_validated_and_stays_out_of_the_config_hash_at_its_default():
+    from tailseed.pipeline.config import config_hash
+
+    with pytest.raises(UserError, match="filter.floor"):
+        FilterConfig(floor=1.5).validate("filter")
+    assert config_hash(FilterConfig(floor=0.0)) == config_hash(FilterConfig())
+    assert config_hash(FilterConfig(floor=0.5)) != config_hash(FilterConfig())
