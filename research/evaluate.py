@@ -257,6 +257,13 @@ UNTONED = ("tone.gray=never", "tone.match_histogram=false")
 # those under 0.5 29% and 40% (research/selection_study.py, docs/results.md#uncertain-keep)
 UNCERTAIN_KEEP = ("filter.keep=uncertain", "filter.min_score=0.5")
 
+# Walk seeds that are all fresh noise (perturbation pi/2: nothing of the inverted seed is left), a
+# pool of 8 candidates per image kept and the filter's floor at 0.5: the model's own drawings
+# under the prompt, kept by the self-judge. A fresh-noise pool of the seen model under "a photo of
+# a digit" holds about one four and one seven in six candidates, so a pool of 3 fills the quota
+# with other digits (research/transfer_probe.py --oracle, docs/results.md#fresh-noise).
+FRESH_NOISE = ("walk.perturb_angle=1.5707963", "filter.pool_factor=8", "filter.floor=0.5")
+
 
 def generic_prompts(card: dict) -> tuple[str, ...]:
     """Overrides that prompt every tail class with GENERIC_PROMPT, the seen model's caption of
@@ -288,7 +295,9 @@ def shipped_candidates(
     (`generic_far`); with `named` (NAMED_PROMPTS), the seen configuration shipped before that
     one, the class's name in the prompt, perturbation SHIPPED_PERTURB_ANGLE, filter and tone
     (`named_perturbed`), and that configuration keeping the candidates its self-judge is least
-    sure of (UNCERTAIN_KEEP: `named_uncertain`); where the product has the filter stage, the
+    sure of (UNCERTAIN_KEEP: `named_uncertain`); with `generic`, the generic prompt's walks all
+    fresh noise, from a larger pool, with the filter's floor (FRESH_NOISE: `generic_fresh`); where
+    the product has the filter stage, the
     config with the filter on keeping the least-sure candidates (`uncertain`). A candidate equal to another (same config hash) shares its run and its
     trainings."""
     out = {"config": ()}
@@ -303,6 +312,8 @@ def shipped_candidates(
             )
         if filter_available and generic:  # the superclass prompt: the model's unnamed images
             out["generic_far"] = (*out["toned_far"], *generic)
+            # the same prompt from fresh noise, a larger pool and the floor (FRESH_NOISE)
+            out["generic_fresh"] = (*out["generic_far"], *FRESH_NOISE)
         if filter_available and named:  # the class's name in the prompt, a short step
             out["named_perturbed"] = (
                 "filter.enabled=true",
