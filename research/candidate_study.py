@@ -18,6 +18,10 @@ never-seen` compares candidates of the first embedded model, for example `config
    on validation for the configuration shipped then, named_perturbed (docs/eval.md, seen
    regime); every candidate uses them. They are also the never-seen regime's choices for its
    shipped configuration (docs/eval.md: 1200 and 3200 steps, ratio 0.1, weight 0.5).
+   `--choose-mixing` instead chooses each candidate's mixing per recipe on validation, over the
+   evaluation's MIX_GRID with its rule (`evaluate.choose_mixing`: the best rare accuracy among
+   the settings within 1 point of real data's head accuracy; ties to head, then grid order),
+   the step 3 trainings at every setting; step 4 then reads each candidate at its choice.
 3. Validation (seeds 100-102, draw 0): rare and head accuracy of real data with augmentation and
    of each candidate; and each candidate's validation reach (`judge_shards.validation_reach`: how
    close its images bring the validation digits of each rare class, against the sources alone).
@@ -49,6 +53,7 @@ import numpy as np
 from research.classifier import RECIPES
 from research.digits import CLASS_NAMES, DigitsSplit, to_digit_space
 from research.evaluate import (
+    MIX_GRID,
     NAMED_PROMPTS,
     VAL_SEED_OFFSET,
     Variant,
@@ -56,11 +61,13 @@ from research.evaluate import (
     _task,
     accuracies,
     added_for,
+    choose_mixing,
     embedded_regime,
     generic_prompts,
     image_quality,
     load_regime_data,
     make_runs,
+    mean_scores,
     paired,
     read_run,
     run_tasks,
@@ -118,8 +125,13 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Candidate study ({report['regime']} regime): " + " vs ".join(report["candidates"]),
         "",
-        f"Steps {report['steps']}, mixing {report['mixing']} (fixed before training); "
-        f"{report['seeds']} seeds x {report['draws']} draws on the test split "
+        f"Steps {report['steps']}, mixing (ratio, weight) {report['mixing']} "
+        + (
+            "(chosen per recipe on validation, below); "
+            if report.get("mixing_chosen_on_validation")
+            else "(fixed before training); "
+        )
+        + f"{report['seeds']} seeds x {report['draws']} draws on the test split "
         f"({report['test_rare_images']} rare images). Trainings cache: {report['cache']} (a "
         "training whose exact inputs were trained before is read from it, made on whichever CPU "
         "made it).",
@@ -143,6 +155,24 @@ def markdown(report: dict) -> str:
     lines += [
         f"| real + augmentation | | | | | {real['rare']:.2f} | {real['head']:.2f} |",
         "",
+    ]
+    if report.get("mixing_chosen_on_validation"):
+        lines += [
+            "Mixing on validation (rare / head, mean over the validation seeds; real data with "
+            "augmentation: the table above, per recipe in the JSON):",
+            "",
+            "| candidate | recipe | "
+            + " | ".join(next(iter(next(iter(report["mixing_validation"].values())).values())))
+            + " | chosen |",
+            "|---|---|" + "---:|" * (len(MIX_GRID) + 1),
+        ]
+        for k, per in report["mixing_validation"].items():
+            for name, by in per.items():
+                cells = [f"{v['rare']:.2f} / {v['head']:.2f}" for v in by.values()]
+                chosen = ", ".join(str(x) for x in report["mixing"][name][k])
+                lines.append(f"| {k} | {name} | " + " | ".join(cells) + f" | {chosen} |")
+        lines.append("")
+    lines += [
         f"Decision (step 4, before the test split): **{report['decision']}**.",
         "",
         "## Test split, as users train",
@@ -188,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         default=sorted(STEPS),
         help="classifier recipes to train (the decision averages over them)",
     )
+    parser.add_argument(
+        "--choose-mixing",
+        action="store_true",
+        help="choose each candidate's mixing (ratio, weight) per recipe on validation over "
+        "research/evaluate.py's MIX_GRID (its choose_mixing, against real data with "
+        "augmentation), in place of the fixed MIXING",
+    )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--val-seeds", type=int, default=3)
@@ -229,46 +266,79 @@ def main(argv: list[str] | None = None) -> int:
         k for k, q in images.items() if q["judged_in_class"] >= 0.95 and q["near_copies"] <= 0.02
     ]
 
-    # 2. validation and test trainings
-    mixing = {name: {v.key: MIXING[name] for v in variants.values()} for name in recipes}
+    # 2. validation trainings: real data, and each candidate at the fixed mixing or, with
+    # --choose-mixing, at every setting of MIX_GRID
+    grid = MIX_GRID if args.choose_mixing else None
     tasks = []
     for name, recipe in recipes.items():
         for v in [real, *variants.values()]:
-            ratio, weight = mixing[name].get(v.key, (0.0, 1.0))
+            settings = [(0.0, 1.0)] if v is real else list(grid or [MIXING[name]])
             added = added_for(v, data, 0)
-            for s in range(args.val_seeds):
-                seed = VAL_SEED_OFFSET + s
-                tasks.append(
-                    _task(
-                        ("val", name, v.key, seed),
-                        "users",
-                        recipe,
-                        seed,
-                        data,
-                        added,
-                        ratio,
-                        weight,
-                        {"val": data.val_x},
-                        (recipe.steps,),
+            for ratio, weight in settings:
+                for s in range(args.val_seeds):
+                    seed = VAL_SEED_OFFSET + s
+                    tasks.append(
+                        _task(
+                            ("val", name, v.key, seed, ratio, weight),
+                            "users",
+                            recipe,
+                            seed,
+                            data,
+                            added,
+                            ratio,
+                            weight,
+                            {"val": data.val_x},
+                            (recipe.steps,),
+                        )
                     )
-                )
+    val_results = run_tasks(tasks, args.jobs, args.cache)
+
+    def val_scores(name, v, ratio, weight):
+        per = [
+            accuracies(
+                val_results[("val", name, v.key, VAL_SEED_OFFSET + s, ratio, weight)][
+                    recipes[name].steps
+                ]["val"],
+                data.val_y,
+                rare,
+            )
+            for s in range(args.val_seeds)
+        ]
+        return mean_scores("val", per)
+
+    reference = {n: val_scores(n, real, 0.0, 1.0) for n in recipes}
+    mixing, mixing_val = {}, {}
+    for name in recipes:
+        mixing[name] = {}
+        for k, v in variants.items():
+            settings = list(grid or [MIXING[name]])
+            by = {m: val_scores(name, v, *m) for m in settings}
+            mixing_val.setdefault(k, {})[name] = {
+                f"{r}, {w}": {"rare": sc.rare, "head": sc.head} for (r, w), sc in by.items()
+            }
+            mixing[name][v.key] = choose_mixing(by, reference[name]) if grid else MIXING[name]
+
+    # 3. the test split, each candidate at its mixing
     variants_all = [real, *variants.values()]
-    tasks += users_test_tasks(data, recipes, variants_all, mixing, args.seeds, args.draws)
-    results = run_tasks(tasks, args.jobs, args.cache)
+    results = run_tasks(
+        users_test_tasks(data, recipes, variants_all, mixing, args.seeds, args.draws),
+        args.jobs,
+        args.cache,
+    )
 
     def acc(key, split_name, y):
         step = recipes[key[1]].steps
         return accuracies(results[key][step][split_name], y, rare)
 
-    validation = {}
-    for v in [real, *variants.values()]:
-        per = [
-            acc(("val", n, v.key, VAL_SEED_OFFSET + s), "val", data.val_y)
-            for n in recipes
-            for s in range(args.val_seeds)
-        ]
-        key = "real" if v is real else v.label
-        validation[key] = {m: float(np.mean([p[m] for p in per])) for m in ("rare", "head")}
+    validation = {
+        "real": {
+            "rare": float(np.mean([reference[n].rare for n in recipes])),
+            "head": float(np.mean([reference[n].head for n in recipes])),
+        }
+    }
+    for k, v in variants.items():
+        at = [val_scores(n, v, *mixing[n][v.key]) for n in recipes]
+        validation[k] = {m: float(np.mean([getattr(a, m) for a in at])) for m in ("rare", "head")}
     tie = tie_points(int(np.isin(data.val_y, rare).sum()), args.val_seeds, len(recipes))
     decision = decide(
         {k: validation[k]["rare"] for k in candidates},
@@ -309,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": list(candidates),
         "overrides": {k: list(overrides[k]) for k in candidates},
         "steps": {n: STEPS[n] for n in recipes},
-        "mixing": MIXING,
+        "mixing": {n: {k: list(mixing[n][v.key]) for k, v in variants.items()} for n in recipes},
+        "mixing_chosen_on_validation": bool(args.choose_mixing),
+        "mixing_validation": mixing_val,
         "seeds": args.seeds,
         "draws": args.draws,
         "cache": str(args.cache),

@@ -296,7 +296,8 @@ def shipped_candidates(
     one, the class's name in the prompt, perturbation SHIPPED_PERTURB_ANGLE, filter and tone
     (`named_perturbed`), and that configuration keeping the candidates its self-judge is least
     sure of (UNCERTAIN_KEEP: `named_uncertain`); with `generic`, the generic prompt's walks all
-    fresh noise, from a larger pool, with the filter's floor (FRESH_NOISE: `generic_fresh`); where
+    fresh noise, from a larger pool, with the filter's floor (FRESH_NOISE: `generic_fresh`), and
+    those keeping the least-sure candidates (UNCERTAIN_KEEP: `fresh_uncertain`); where
     the product has the filter stage, the
     config with the filter on keeping the least-sure candidates (`uncertain`). A candidate equal to another (same config hash) shares its run and its
     trainings."""
@@ -314,6 +315,8 @@ def shipped_candidates(
             out["generic_far"] = (*out["toned_far"], *generic)
             # the same prompt from fresh noise, a larger pool and the floor (FRESH_NOISE)
             out["generic_fresh"] = (*out["generic_far"], *FRESH_NOISE)
+            # those walks, keeping the candidates the self-judge is least sure of (>= 0.5)
+            out["fresh_uncertain"] = (*out["generic_fresh"], *UNCERTAIN_KEEP)
         if filter_available and named:  # the class's name in the prompt, a short step
             out["named_perturbed"] = (
                 "filter.enabled=true",

@@ -72,3 +72,23 @@ def test_exactly_one_prediction_apart_is_a_tie_whatever_the_float_rounding():
     reach = {"generic_far": 14.73, "named_uncertain": 16.30}
     assert decide(val, reach, list(val)) == "generic_far"
     assert decide({**val, "generic_far": 97.9}, reach, list(val)) == "named_uncertain"
+
+
+def test_fresh_uncertain_is_the_shipped_seen_config_keeping_the_least_sure():
+    """`fresh_uncertain` differs from configs/seen.yaml (fresh noise, pool 8, floor 0.5) in the
+    keep rule only."""
+    from research.evaluate import (
+        NAMED_PROMPTS,
+        generic_prompts,
+        shipped_candidates,
+    )
+    from tailseed.stages.augment_pipeline import load_config
+
+    card = {"split": {"tail_classes": [4, 7]}}
+    found = shipped_candidates(True, True, generic_prompts(card), NAMED_PROMPTS)
+    config = load_config(Path("configs/seen.yaml"), list(found["fresh_uncertain"]))
+    shipped = load_config(Path("configs/seen.yaml"), list(found["generic_fresh"]))
+    assert (config.filter.keep, config.filter.min_score) == ("uncertain", 0.5)
+    assert (config.filter.floor, config.filter.pool_factor) == (0.5, 8)
+    assert config.walk == shipped.walk and config.generate == shipped.generate
+    assert shipped.filter.keep != "uncertain"
