@@ -10,7 +10,9 @@ in the prompt, perturbation 0.3: configs/seen.yaml before it)? `python -m
 research.candidate_study` (`--candidates` names others of research/evaluate.py's
 `shipped_candidates`, for example `named_uncertain`, the latter with `filter.keep: uncertain`; the
 rule below picks among all of them, and the test table pairs each with the first; `--regime
-never-seen` compares candidates of the first embedded model, for example `config uncertain`):
+never-seen` compares candidates of the first embedded model, for example `config uncertain`;
+`--candidates` also takes the evaluation's sample-and-filter baselines, `prompt` and, seen,
+`generic`, to pair the shipped configuration with them):
 
 1. Generation: draws 0..D-1 of each candidate through the product (`make_runs`).
 2. Fixed before any training: each recipe's steps (small 1200, wide 3200) and its mixing (ratio
@@ -75,6 +77,9 @@ from research.evaluate import (
     users_test_tasks,
     write_report,
 )
+from research.evaluate import (
+    variants as evaluate_variants,
+)
 from research.judge import train_judge
 from research.judge_shards import validation_reach
 
@@ -83,9 +88,25 @@ MIXING = {"small": (0.1, 0.5), "wide": (0.1, 0.5)}  # validation's choice for th
 # "named_perturbed" is configs/seen.yaml as it was up to 2026-12-07 (the study ran with it as the
 # file's "config": same config hash, ce961dcc111a2922, and the same runs)
 CANDIDATES = ("named_perturbed", "generic_far")  # the default of --candidates
+# research/evaluate.py's baselines that --candidates may also name
+BASELINES = ("prompt", "generic")
 # one rare validation prediction, in the mean over two recipes: the seen regime's 40 rare
 # validation images x 3 seeds (the never-seen regime's 80 give half of it: `tie_points`)
 TIE_POINTS = 100 / (40 * 3) / 2
+
+
+def study_candidates(card: dict, regime: str) -> dict[str, tuple[str, ...]]:
+    """What --candidates may name: evaluate.shipped_candidates of the regime, and the evaluation's
+    sample-and-filter baselines (BASELINES: "prompt", plain prompts + filter; seen: "generic",
+    the generic prompt + filter), each as overrides of the regime's config."""
+    seen = regime == "seen"
+    out = shipped_candidates(
+        True, True, generic_prompts(card) if seen else (), NAMED_PROMPTS if seen else ()
+    )
+    for v in evaluate_variants(card, regime, True):
+        if v.key in BASELINES and v.key not in out:
+            out[v.key] = v.overrides
+    return out
 
 
 def tie_points(rare_val_images: int, val_seeds: int, recipes: int) -> float:
@@ -201,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "--candidates",
         nargs="+",
         default=list(CANDIDATES),
-        help="evaluate.shipped_candidates keys of the regime; the test table pairs each with "
-        "the first",
+        help="evaluate.shipped_candidates keys of the regime, or the evaluation's filtered "
+        "baselines (prompt, generic); the test table pairs each with the first",
     )
     parser.add_argument(
         "--regime",
@@ -237,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     regime, base, card, split = embedded_regime(args.regime)
     rare = sorted(split.tail_classes)
-    seen = args.regime == "seen"
-    overrides = shipped_candidates(
-        True, True, generic_prompts(card) if seen else (), NAMED_PROMPTS if seen else ()
-    )
+    overrides = study_candidates(card, args.regime)
     candidates = tuple(args.candidates)
     unknown = [k for k in candidates if k not in overrides]
     if unknown or len(candidates) < 2:

@@ -199,7 +199,11 @@ def has_tone() -> bool:
 
 def variants(card: dict, regime: str, filter_available: bool) -> list[Variant]:
     """The variants of a regime. Plain prompts use the model card's own guidance and steps (the
-    model's stock sampling); with the filter stage they pass through the same filter as tailseed.
+    model's stock sampling) and each class's own name (the prompt template: a config's per-class
+    prompt overrides, such as configs/seen.yaml's generic prompt for the tail classes, are
+    cleared; up to 2026-12-08 they were not, and since configs/seen.yaml took the generic prompt
+    on 2026-12-07 the seen regime's "plain prompts" were the generic prompt); with the filter
+    stage they pass through the same filter as tailseed.
     The shipped tailseed variant is a placeholder whose overrides `choose_shipped` fills in."""
     stock = (
         "walk.method=prompt",
@@ -217,7 +221,7 @@ def variants(card: dict, regime: str, filter_available: bool) -> list[Variant]:
             "prompt",
             "plain prompts + filter" if filter_available else "plain prompts",
             "generated",
-            (*stock, *on),
+            (*stock, *NAMED_PROMPTS, *on),
         ),
     ]
     if regime == "seen" and filter_available:

@@ -92,3 +92,38 @@ def test_fresh_uncertain_is_the_shipped_seen_config_keeping_the_least_sure():
     assert (config.filter.floor, config.filter.pool_factor) == (0.5, 8)
     assert config.walk == shipped.walk and config.generate == shipped.generate
     assert shipped.filter.keep != "uncertain"
+
+
+def test_the_plain_prompt_baseline_names_the_class_in_both_regimes():
+    """configs/seen.yaml prompts its tail classes with the generic caption; the "plain prompts"
+    baseline must prompt them with their own name, and in the never-seen regime (no overrides)
+    it stays the configuration it was (same config hash: the same runs)."""
+    from research.evaluate import variants
+    from tailseed.pipeline.config import config_hash
+    from tailseed.stages.augment_pipeline import load_config
+    from tailseed.stages.select import prompt_for
+
+    card = {"split": {"tail_classes": [4, 7]}, "guidance_scale": 2.0, "num_inference_steps": 20}
+    for regime, path in (("seen", "configs/seen.yaml"), ("never-seen", "configs/default.yaml")):
+        prompt = {v.key: v for v in variants(card, regime, True)}["prompt"]
+        config = load_config(Path(path), list(prompt.overrides))
+        assert prompt_for("four", config.select) == "a photo of the digit four"
+        without = [o for o in prompt.overrides if not o.startswith("select.prompt_overrides")]
+        if regime == "never-seen":
+            assert config_hash(config) == config_hash(load_config(Path(path), without))
+        else:
+            assert prompt_for("four", load_config(Path(path), without).select) != (
+                "a photo of the digit four"
+            )
+
+
+def test_the_study_takes_the_filtered_baselines_as_candidates():
+    from research.candidate_study import study_candidates
+    from research.evaluate import variants
+
+    card = {"split": {"tail_classes": [4, 7]}, "guidance_scale": 2.0, "num_inference_steps": 20}
+    found = study_candidates(card, "seen")
+    baselines = {v.key: v.overrides for v in variants(card, "seen", True)}
+    assert found["prompt"] == baselines["prompt"] and found["generic"] == baselines["generic"]
+    assert "generic_fresh" in found and "fresh_uncertain" in found
+    assert "generic" not in study_candidates(card, "never-seen")
