@@ -32,7 +32,7 @@ augment: $(STAMP)
 	$(VENV)/bin/tailseed augment --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS),)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) -m research.bench
