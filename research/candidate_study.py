@@ -183,7 +183,7 @@ def markdown(report: dict) -> str:
             "augmentation: the table above, per recipe in the JSON):",
             "",
             "| candidate | recipe | "
-            + " | ".join(next(iter(next(iter(report["mixing_validation"].values())).values())))
+            + " | ".join(f"{r}, {w}" for r, w in MIX_GRID)
             + " | chosen |",
             "|---|---|" + "---:|" * (len(MIX_GRID) + 1),
         ]
@@ -286,11 +286,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. validation trainings: real data, and each candidate at the fixed mixing or, with
     # --choose-mixing, at every setting of MIX_GRID
-    grid = MIX_GRID if args.choose_mixing else None
+    def settings_of(name: str) -> list[tuple[float, float]]:
+        return list(MIX_GRID) if args.choose_mixing else [MIXING[name]]
+
     tasks = []
     for name, recipe in recipes.items():
         for v in [real, *variants.values()]:
-            settings = [(0.0, 1.0)] if v is real else list(grid or [MIXING[name]])
+            settings = [(0.0, 1.0)] if v is real else settings_of(name)
             added = added_for(v, data, 0)
             for ratio, weight in settings:
                 for s in range(args.val_seeds):
@@ -324,17 +326,26 @@ def main(argv: list[str] | None = None) -> int:
         ]
         return mean_scores("val", per)
 
+    # each candidate's mixing per recipe (a single fixed setting is its own choice)
     reference = {n: val_scores(n, real, 0.0, 1.0) for n in recipes}
-    mixing, mixing_val = {}, {}
-    for name in recipes:
-        mixing[name] = {}
-        for k, v in variants.items():
-            settings = list(grid or [MIXING[name]])
-            by = {m: val_scores(name, v, *m) for m in settings}
-            mixing_val.setdefault(k, {})[name] = {
-                f"{r}, {w}": {"rare": sc.rare, "head": sc.head} for (r, w), sc in by.items()
+    by_setting = {
+        n: {k: {m: val_scores(n, v, *m) for m in settings_of(n)} for k, v in variants.items()}
+        for n in recipes
+    }
+    mixing = {
+        n: {variants[k].key: choose_mixing(by, reference[n]) for k, by in per.items()}
+        for n, per in by_setting.items()
+    }
+    mixing_val = {
+        k: {
+            n: {
+                f"{r}, {w}": {"rare": sc.rare, "head": sc.head}
+                for (r, w), sc in by_setting[n][k].items()
             }
-            mixing[name][v.key] = choose_mixing(by, reference[name]) if grid else MIXING[name]
+            for n in recipes
+        }
+        for k in variants
+    }
 
     # 3. the test split, each candidate at its mixing
     variants_all = [real, *variants.values()]
@@ -355,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     }
     for k, v in variants.items():
-        at = [val_scores(n, v, *mixing[n][v.key]) for n in recipes]
+        at = [by_setting[n][k][mixing[n][v.key]] for n in recipes]
         validation[k] = {m: float(np.mean([getattr(a, m) for a in at])) for m in ("rare", "head")}
     tie = tie_points(int(np.isin(data.val_y, rare).sum()), args.val_seeds, len(recipes))
     decision = decide(
